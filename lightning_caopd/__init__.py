@@ -1,0 +1,7 @@
+"""lightning-caopd: on-policy distillation (OPD) and calibration-aware OPD (CaOPD).
+
+CaOPD follows arXiv 2604.16830, "The Illusion of Certainty: Decoupling Capability and
+Calibration in On-Policy Distillation".
+"""
+
+__version__ = "0.1.0"
