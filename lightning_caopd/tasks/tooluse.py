@@ -1,0 +1,283 @@
+"""Tool use (ToolAlpaca): the model picks an API call in the Thought/Action format.
+
+A completion reads::
+
+    Thought: I need to look up the rates.
+    Action: getExchangeRates
+    Action Input: {"base": "USD", "symbols": "CAD"}
+    Confidence: 0.8
+
+Parsing rules (`parse_calls`):
+
+* A call starts at a line ``Action: name`` (any case; the name stripped of spaces, backticks,
+  quotes and markdown ``*``). Its input is the JSON object after the next ``Action Input:``
+  that comes before the next ``Action:`` line; a ```` ```json ```` fence may open it.
+* The object is cut out by scanning braces while tracking JSON strings and their escapes, so
+  ``{"q": "a } b"}`` and nested objects work, then parsed with `json.loads`. A missing,
+  unbalanced or invalid object gives the call the input ``None``.
+
+Scoring (`verify`) follows the paper (CaOPD, arXiv 2604.16830; ToolAlpaca): the first
+predicted call must name the first golden action and carry an equal input, compared as parsed
+JSON (key order and spacing ignored; an empty golden input means ``{}``). ``strict=True``
+instead requires the whole sequence of calls to match one to one. Unlike the paper's scorer,
+a call whose input is not valid JSON never scores, even against an empty golden input.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from lightning_caopd.io import DataError, row_error
+
+_ACTION = re.compile(r"^[ \t>*_]*Action[ \t*_]*:[ \t]*(.*)$", re.MULTILINE | re.IGNORECASE)
+_ACTION_INPUT = re.compile(r"Action[ _]Input[ \t*_]*:", re.IGNORECASE)
+_FENCE = re.compile(r"\s*(?:```(?:json)?)?\s*", re.IGNORECASE)
+_NAME_JUNK = " \t`'\"*_"
+
+
+def _scan_object(text: str, start: int, end: int) -> tuple[str, int] | None:
+    """The balanced ``{...}`` in ``text[start:end]`` opening at `start`, and the index after it.
+
+    Returns:
+        ``(object_text, index_after)``, or None when the braces do not close before `end`.
+    """
+    depth, in_string, escaped = 0, False, False
+    for i in range(start, end):
+        ch = text[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start : i + 1], i + 1
+    return None
+
+
+def _parse_input(text: str, pos: int, end: int) -> tuple[object, int]:
+    """The JSON object after the first ``Action Input:`` in ``text[pos:end]``.
+
+    Returns:
+        ``(parsed_or_None, resume_position)``.
+    """
+    label = _ACTION_INPUT.search(text, pos, end)
+    if label is None:
+        return None, pos
+    brace = _FENCE.match(text, label.end()).end()
+    if brace >= end or text[brace] != "{":
+        return None, label.end()
+    # JSON strings cannot hold raw newlines, so no real object runs past the next Action line.
+    scanned = _scan_object(text, brace, end)
+    if scanned is None:
+        return None, label.end()
+    raw, after = scanned
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        return None, after
+    return value, after
+
+
+def parse_calls(completion: str) -> list[tuple[str, object]]:
+    """Every ``Action`` / ``Action Input`` call, in order.
+
+    Args:
+        completion: the model's response.
+
+    Returns:
+        ``(name, input)`` pairs; ``input`` is the parsed JSON object, or None when the call
+        has no parseable ``Action Input`` object.
+    """
+    calls: list[tuple[str, object]] = []
+    pos = 0
+    while (action := _ACTION.search(completion, pos)) is not None:
+        name = action.group(1).strip(_NAME_JUNK)
+        following = _ACTION.search(completion, action.end())
+        end = following.start() if following else len(completion)
+        value, after = _parse_input(completion, action.end(), end)
+        calls.append((name, value))
+        pos = max(after, action.end())
+    return calls
+
+
+def parse_first_call(completion: str) -> tuple[str, object] | None:
+    """The first call, or None when there is no action or its input is not a JSON object.
+
+    Args:
+        completion: the model's response.
+
+    Returns:
+        ``(action_name, parsed_input)`` or None.
+
+    Examples:
+        >>> parse_first_call('Action: search\\nAction Input: {"q": "a } b", "n": {"k": 1}}')
+        ('search', {'q': 'a } b', 'n': {'k': 1}})
+    """
+    calls = parse_calls(completion)
+    if not calls or calls[0][1] is None:
+        return None
+    return calls[0]
+
+
+def _golden_input(value) -> object:
+    """A golden ``Action_Input`` (JSON text or an object) as a parsed object."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return {}
+    if isinstance(value, str):
+        value = json.loads(value)
+    if not isinstance(value, dict):
+        raise ValueError(f"an Action_Input must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def golden_calls(golden_answer: list[dict] | dict | str) -> list[tuple[str, object]]:
+    """The golden calls as ``(action, parsed_input)`` pairs.
+
+    Args:
+        golden_answer: a list of ``{"Action": name, "Action_Input": json_text_or_object}``,
+            one such dict, or either of those encoded as a JSON string.
+
+    Returns:
+        The calls in order.
+
+    Raises:
+        DataError: the golden answer is malformed.
+    """
+    try:
+        if isinstance(golden_answer, str):
+            golden_answer = json.loads(golden_answer)
+        if isinstance(golden_answer, dict):
+            golden_answer = [golden_answer]
+        if not isinstance(golden_answer, list) or not golden_answer:
+            raise ValueError("expected a non-empty list of calls")
+        calls = []
+        for call in golden_answer:
+            action = call.get("Action") if isinstance(call, dict) else None
+            if not isinstance(action, str) or not action.strip():
+                raise ValueError(f"a call has no Action name: {call!r}"[:120])
+            calls.append((action.strip(), _golden_input(call.get("Action_Input"))))
+    except (ValueError, AttributeError) as err:
+        raise DataError(
+            f"Malformed golden_answer ({err}). It must be a list of "
+            '{"Action": name, "Action_Input": JSON object or its text}.'
+        ) from None
+    return calls
+
+
+def _same_json(a: object, b: object) -> bool:
+    """JSON equality: dict key order ignored, but ``true`` is not ``1``."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_json(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    return type(a) is type(b) and a == b
+
+
+def _same_call(pred: tuple[str, object], gold: tuple[str, object]) -> bool:
+    return pred[0] == gold[0] and pred[1] is not None and _same_json(pred[1], gold[1])
+
+
+def verify(completion: str, golden_answer: list[dict] | str, strict: bool = False) -> bool:
+    """Whether the completion makes the golden call(s).
+
+    Args:
+        completion: the model's response.
+        golden_answer: see `golden_calls`.
+        strict: require every golden call, in order, and no other call; by default only the
+            first call is scored, as in the paper.
+
+    Returns:
+        True when the calls match.
+
+    Raises:
+        DataError: the golden answer is malformed (never for a malformed completion).
+    """
+    gold = golden_calls(golden_answer)
+    if strict:
+        pred = parse_calls(completion)
+        return len(pred) == len(gold) and all(map(_same_call, pred, gold))
+    first = parse_first_call(completion)
+    return first is not None and _same_call(first, gold[0])
+
+
+def demo_from_golden(golden_answer: list[dict] | str) -> str:
+    """A minimal demonstration of the golden calls in the Thought/Action/Action Input format.
+
+    Args:
+        golden_answer: see `golden_calls`.
+
+    Returns:
+        One ``Thought`` / ``Action`` / ``Action Input`` block per call, joined by newlines.
+    """
+    blocks = [
+        f"Thought: I should call {name}.\nAction: {name}\n"
+        f"Action Input: {json.dumps(value, ensure_ascii=False)}"
+        for name, value in golden_calls(golden_answer)
+    ]
+    return "\n".join(blocks)
+
+
+def row_to_item(row: dict, index: int, source: str) -> dict:
+    """Normalise one raw ToolAlpaca row into an item.
+
+    Args:
+        row: the raw row: ``prompt`` (tool documentation and question), ``golden_answer``
+            and, in training rows, ``golden_response`` (a list of steps or one string).
+        index: its 0-based position in `source` (messages give it 1-based).
+        source: the file or dataset name it came from, for error messages.
+
+    Returns:
+        ``{"id", "messages", "answer", "demo", "category"}``; ``answer`` is the golden list
+        of ``{"Action", "Action_Input"}`` dicts, decoded from JSON text when it came as a
+        string; ``demo`` is ``golden_response`` joined by newlines, or `demo_from_golden`.
+
+    Raises:
+        DataError: the prompt or the golden answer is missing or malformed.
+    """
+    golden = row.get("golden_answer")
+    if golden is None or golden == "" or golden == []:
+        raise row_error(
+            source, index, "golden_answer", "is missing or empty",
+            'Every row needs the expected calls, e.g. [{"Action": "getX", "Action_Input": '
+            '"{}"}]; fix the row or remove it.',
+        )
+    try:
+        golden_calls(golden)
+    except DataError as err:
+        raise row_error(source, index, "golden_answer", "is malformed", str(err)) from None
+    if isinstance(golden, str):
+        golden = json.loads(golden)
+    if isinstance(golden, dict):
+        golden = [golden]
+    prompt = row.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise row_error(
+            source, index, "prompt", "is missing or not a string",
+            "Give the tool documentation and question as one string under \"prompt\".",
+        )
+    response = row.get("golden_response")
+    if isinstance(response, list):
+        response = "\n".join(str(step) for step in response)
+    if not isinstance(response, str) or not response.strip():
+        response = demo_from_golden(golden)
+    return {
+        "id": str(row["id"]) if row.get("id") is not None else f"{Path(source).stem}-{index}",
+        "messages": [{"role": "user", "content": prompt}],
+        "answer": golden,
+        "demo": response,
+        "category": "tooluse",
+    }
