@@ -1,0 +1,110 @@
+"""CaOPD: the calibration-aware add-on to any OPD loop (arXiv 2604.16830, Sec. 3).
+
+CaOPD changes one thing in OPD: the confidence target. It measures the student's empirical
+success rate ``P_acc`` (correct rollouts / K for a prompt) and writes it in three places:
+
+(a) the student's completion: each rollout's confidence line is cut off at the token level and
+    ``Confidence: {P_acc:.2f}`` is appended (the tokens the student sampled before it are kept
+    as sampled, never decoded and re-encoded);
+(b) the teacher's privileged solution: its ``Confidence: 1.00`` becomes ``P_acc``;
+(c) a note in the teacher's context stating the empirical confidence and asking to output it.
+
+Plain OPD uses none of this: the method config sets ``caopd: null``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from lightning_caopd.confidence import strip_confidence
+from lightning_caopd.templates import with_confidence
+
+DEFAULT_NOTE = "Empirical confidence: {p_acc:.2f}. Output it."
+
+
+def empirical_accuracy(correct: torch.Tensor, k: int) -> torch.Tensor:
+    """P_acc per prompt from a flat (B*K,) correctness vector ordered prompt-major."""
+    return correct.float().view(-1, k).mean(dim=1)  # (B,)
+
+
+def _kept_prefix_tokens(ids: list[int], keep_chars: int, tokenizer: PreTrainedTokenizerBase) -> int:
+    """The largest n with len(decode(ids[:n])) <= keep_chars (binary search, decode is monotone)."""
+    lo, hi = 0, len(ids)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(tokenizer.decode(ids[:mid])) <= keep_chars:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@dataclass
+class CaOPD:
+    """Confidence-target replacement switched on by ``method.caopd``.
+
+    Args:
+        confidence_format: the confidence line written into completions and contexts.
+        note: the note inserted into the teacher's context, formatted with ``p_acc``.
+        replace_student: apply replacement (a).
+        replace_context: apply replacement (b).
+        add_note: apply replacement (c).
+    """
+
+    confidence_format: str = "Confidence: {p_acc:.2f}"
+    note: str = DEFAULT_NOTE
+    replace_student: bool = True
+    replace_context: bool = True
+    add_note: bool = True
+
+    def confidence_line(self, p_acc: float) -> str:
+        """The confidence line for an empirical accuracy."""
+        return self.confidence_format.format(p_acc=p_acc)
+
+    def teacher_context(self, context: str, p_acc: float) -> str:
+        """Replacement (b): the privileged solution states ``P_acc`` instead of 1.00."""
+        return with_confidence(context, self.confidence_line(p_acc)) if self.replace_context else context
+
+    def teacher_note(self, p_acc: float) -> str:
+        """Replacement (c): the note for the teacher's context (empty when disabled)."""
+        return self.note.format(p_acc=p_acc) if self.add_note else ""
+
+    def student_completion(
+        self, ids: list[int], p_acc: float, tokenizer: PreTrainedTokenizerBase
+    ) -> list[int]:
+        """Replacement (a) at the token level.
+
+        Args:
+            ids: the rollout's completion token ids, without padding; may end with EOS.
+            p_acc: the empirical accuracy of the rollout's group.
+            tokenizer: the shared tokenizer.
+
+        Returns:
+            The sampled ids up to the start of the confidence line, then the tokenized
+            ``Confidence: {P_acc:.2f}`` line and EOS. A rollout without a confidence line keeps
+            all its sampled tokens and gains the line at the end.
+        """
+        if not self.replace_student:
+            return list(ids)
+        eos = tokenizer.eos_token_id
+        body = list(ids[:-1]) if ids and ids[-1] == eos else list(ids)
+        text = tokenizer.decode(body)
+        keep_chars = len(strip_confidence(text))
+        n = _kept_prefix_tokens(body, keep_chars, tokenizer)
+        kept_text = tokenizer.decode(body[:n])
+        gap = text[len(kept_text) : keep_chars]  # chars of a token straddling the cut, if any
+        if not (kept_text + gap).endswith("\n") and (kept_text + gap):
+            gap += "\n"
+        new_tail = tokenizer(gap + self.confidence_line(p_acc), add_special_tokens=False)["input_ids"]
+        return body[:n] + list(new_tail) + [eos]
+
+    @staticmethod
+    def stats(p_acc: torch.Tensor) -> dict[str, float]:
+        """Logged summary: the share of groups with P_acc 0 or 1."""
+        return {
+            "p_acc_zero_frac": (p_acc == 0).float().mean().item(),
+            "p_acc_one_frac": (p_acc == 1).float().mean().item(),
+        }

@@ -1,0 +1,92 @@
+"""DataModules: items in, batches of items (lists of dicts) out."""
+
+from __future__ import annotations
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from lightning_caopd.tasks.toy import make_items
+
+
+def _as_list(rows: list) -> list:
+    return rows
+
+
+class ItemDataModule(L.LightningDataModule):
+    """Serves training and evaluation items; batches are lists of item dicts.
+
+    Args:
+        batch_size: prompts per training step (each gets K rollouts).
+        eval_batch_size: items per evaluation batch.
+        shuffle: shuffle the training items (seeded by Lightning's seed).
+    """
+
+    def __init__(self, batch_size: int = 8, eval_batch_size: int = 128, shuffle: bool = True) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.shuffle = shuffle
+        self.train_items: list = []
+        self.eval_items: list[dict] = []
+
+    def _check(self) -> None:
+        for name, rows in (("training", self.train_items), ("evaluation", self.eval_items)):
+            if not rows:
+                raise ValueError(
+                    f"The {name} split is empty: check the data config (`data.*`) points at rows."
+                )
+
+    def train_dataloader(self) -> DataLoader:
+        self._check()
+        return DataLoader(
+            self.train_items, batch_size=self.batch_size, shuffle=self.shuffle, collate_fn=_as_list
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        self._check()
+        return DataLoader(self.eval_items, batch_size=self.eval_batch_size, collate_fn=_as_list)
+
+
+class ToyDataModule(ItemDataModule):
+    """The embedded toy world: seeded training and held-out evaluation items.
+
+    Args:
+        num_train: training items (one epoch; steps are capped by ``trainer.max_steps``).
+        num_eval: held-out evaluation items (a different seed stream and, for ``code``,
+            disjoint numbers).
+        seed: item seed.
+        world_seed: the seed of the world's facts (codes, warm-up pairs); the base was built
+            for one world.
+        **kwargs: see `ItemDataModule`.
+    """
+
+    def __init__(self, num_train: int = 4000, num_eval: int = 600, seed: int = 0, world_seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.train_items = make_items(num_train, seed, "train", world_seed)
+        self.eval_items = make_items(num_eval, seed, "eval", world_seed)
+
+
+class ToyWarmupDataModule(ItemDataModule):
+    """The toy warm-up: tokenized supervised examples for training, toy items for evaluation.
+
+    Args:
+        dataset: a `lightning_caopd.warmup.SFTDataset`.
+        num_eval: held-out evaluation items.
+        seed: evaluation item seed.
+        world_seed: see `ToyDataModule`.
+        **kwargs: see `ItemDataModule`.
+    """
+
+    def __init__(self, dataset, num_eval: int = 600, seed: int = 0, world_seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.train_items = dataset
+        self.eval_items = make_items(num_eval, seed, "eval", world_seed)
+
+    def train_dataloader(self) -> DataLoader:
+        self._check()
+        return DataLoader(
+            self.train_items,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            collate_fn=self.train_items.collate,
+        )

@@ -1,0 +1,154 @@
+"""Building the student, the teacher and their tokenizer.
+
+The embedded default is a tiny Llama built from a `transformers` config with a real
+character-level `PreTrainedTokenizerFast` and a chat template, so the code path that serves it
+(`apply_chat_template`, `generate`, `save_pretrained`) is the one real models take.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def build_char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over printable ASCII and newline, with a chat template.
+
+    Returns:
+        A `PreTrainedTokenizerFast` whose every character is one token; `<|end|>` is the EOS.
+    """
+    chars = ["\n"] + [chr(i) for i in range(32, 127)]
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="<|end|>",
+        additional_special_tokens=SPECIAL_TOKENS[2:],
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    tok.padding_side = "left"
+    return tok
+
+
+def build_tiny_llama(
+    hidden_size: int = 128,
+    num_hidden_layers: int = 4,
+    num_attention_heads: int = 4,
+    intermediate_size: int = 256,
+    max_position_embeddings: int = 512,
+    seed: int = 0,
+) -> LlamaForCausalLM:
+    """A randomly initialised Llama for the character tokenizer of `build_char_tokenizer`."""
+    tokenizer = build_char_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_attention_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    config._attn_implementation = "eager"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # eager attention: on CPU it is several times faster than SDPA at these sizes
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def load_pretrained(
+    pretrained_model_name_or_path: str,
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
+    **kwargs,
+) -> PreTrainedModel:
+    """`AutoModelForCausalLM.from_pretrained` with a dtype given by name (Hydra-friendly)."""
+    model = AutoModelForCausalLM.from_pretrained(
+        pretrained_model_name_or_path,
+        dtype=getattr(torch, dtype),
+        attn_implementation=attn_implementation,
+        **kwargs,
+    )
+    return model
+
+
+def load_tokenizer(pretrained_model_name_or_path: str, **kwargs) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and make it ready for batched generation (left padding, a pad id)."""
+    tok = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def make_teacher(student: PreTrainedModel, teacher: PreTrainedModel | None = None) -> PreTrainedModel:
+    """Return a frozen teacher: a deep copy of the student (self-distillation) or `teacher`.
+
+    The teacher is put in eval mode and has `requires_grad` off; Lightning warns about modules
+    in eval mode inside a training module, which is expected here.
+    """
+    teacher = copy.deepcopy(student) if teacher is None else teacher
+    teacher.requires_grad_(False)
+    teacher.eval()
+    return teacher
+
+
+def check_same_tokenizer(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase) -> None:
+    """Raise a clear error when student and teacher tokenizers differ.
+
+    Token-level distillation compares next-token distributions position by position, so both
+    models must share one vocabulary.
+    """
+    if student_tok.get_vocab() != teacher_tok.get_vocab():
+        raise ValueError(
+            "The student and teacher tokenizers differ (vocabularies of "
+            f"{len(student_tok)} and {len(teacher_tok)} tokens). Token-level distillation needs "
+            "one shared vocabulary: pick a teacher from the same model family, or leave "
+            "`teacher` unset to self-distil from the student's own initial weights."
+        )
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> Path:
+    """Save model and tokenizer with `save_pretrained`, via a temporary folder then a rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    tmp.rename(path)
+    return path

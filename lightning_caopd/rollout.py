@@ -1,0 +1,164 @@
+"""Sampling rollouts and assembling prompt + completion sequences for the forwards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def encode_chats(
+    tokenizer: PreTrainedTokenizerBase, chats: list[list[dict]], max_length: int | None = None
+) -> tuple[list[list[int]], int]:
+    """Render chats with the tokenizer's chat template (generation prompt on) and tokenize them.
+
+    The rendered text already holds the template's special tokens, so none are added again.
+
+    Returns:
+        The token ids of each prompt and how many prompts were cut to `max_length` (their
+        left end is dropped, keeping the question's end and the generation prompt).
+    """
+    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    truncated = 0
+    if max_length is not None:
+        for i, row in enumerate(ids):
+            if len(row) > max_length:
+                ids[i] = row[-max_length:]
+                truncated += 1
+    return ids, truncated
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token rows into (N, P) ids and attention mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def completion_mask(tokens: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
+    """Mask (N, T) of completion tokens up to and including the first stop token.
+
+    Generation pads finished sequences, so anything after the first stop token is not part of
+    the completion, whatever its id.
+    """
+    is_stop = torch.zeros_like(tokens, dtype=torch.bool)
+    for s in stop_ids:
+        is_stop |= tokens == s
+    # number of stop tokens strictly before each position
+    before = torch.cumsum(is_stop.long(), dim=1) - is_stop.long()
+    return before == 0
+
+
+@dataclass
+class Rollouts:
+    """K completions for each of B prompts, prompt-major (row b*K + k).
+
+    Attributes:
+        completions: per row, the sampled completion ids up to and including the first stop.
+        texts: per row, the decoded completion without special tokens.
+        truncated: per row, whether the completion hit the length limit without a stop token.
+    """
+
+    completions: list[list[int]]
+    texts: list[str]
+    truncated: list[bool]
+
+
+@torch.no_grad()
+def sample(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    num_samples: int = 1,
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    do_sample: bool = True,
+) -> Rollouts:
+    """One batched, KV-cached `generate` call: `num_samples` completions per prompt.
+
+    Args:
+        model: the policy.
+        tokenizer: its tokenizer (pad and EOS ids).
+        prompts: B prompt id lists.
+        num_samples: K, completions per prompt.
+        max_new_tokens: completion length limit.
+        temperature: sampling temperature.
+        top_p: nucleus sampling threshold.
+        do_sample: sample (True) or decode greedily (False).
+
+    Returns:
+        `Rollouts` with B*K rows, prompt-major.
+    """
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id, device)
+    was_training = model.training
+    model.eval()
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=num_samples,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=True,
+        **(sampling if do_sample else {"do_sample": False}),
+    )
+    model.train(was_training)
+    new = out[:, ids.shape[1] :].cpu()  # (B*K, T)
+    keep = completion_mask(new, [tokenizer.eos_token_id])
+    completions, texts, truncated = [], [], []
+    for row, m in zip(new.tolist(), keep.tolist(), strict=True):
+        comp = [t for t, k in zip(row, m, strict=True) if k]
+        completions.append(comp)
+        truncated.append(not comp or comp[-1] != tokenizer.eos_token_id)
+        texts.append(tokenizer.decode(comp, skip_special_tokens=True, errors="replace"))
+    return Rollouts(completions, texts, truncated)
+
+
+def build_batch(
+    prompts: list[list[int]], completions: list[list[int]], pad_id: int, device=None
+) -> dict[str, torch.Tensor]:
+    """Left-padded prompts followed by right-padded completions, one row per completion.
+
+    Returns:
+        ``input_ids``, ``attention_mask``, ``position_ids`` of shape (N, P + T) and
+        ``completion_mask`` (N, T); the logits predicting completion token t sit at position
+        P - 1 + t, so ``logits_to_keep = T + 1`` and dropping the last one gives them.
+    """
+    p_ids, p_mask = left_pad(prompts, pad_id)
+    width = max(1, max(len(c) for c in completions))
+    c_ids = torch.full((len(completions), width), pad_id, dtype=torch.long)
+    c_mask = torch.zeros((len(completions), width), dtype=torch.long)
+    for i, c in enumerate(completions):
+        c_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+        c_mask[i, : len(c)] = 1
+    attn = torch.cat([p_mask, c_mask], dim=1)
+    position_ids = (attn.cumsum(dim=1) - 1).clamp(min=0)
+    return {
+        "input_ids": torch.cat([p_ids, c_ids], dim=1).to(device),
+        "attention_mask": attn.to(device),
+        "position_ids": position_ids.to(device),
+        "completion_mask": c_mask.bool().to(device),
+    }
+
+
+def completion_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits (N, T, V) for the completion positions only (the head runs on T + 1 positions)."""
+    t = batch["completion_mask"].shape[1]
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=t + 1,
+        use_cache=False,
+    )
+    return out.logits[:, :-1]

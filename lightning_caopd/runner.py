@@ -1,0 +1,107 @@
+"""One run from a composed Hydra config: build, evaluate, train, evaluate, write metrics.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import lightning as L
+from hydra import compose
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+
+
+def write_json_atomic(obj: dict, path: Path) -> None:
+    """Write JSON to a temporary file, then rename it over `path` (a kill never truncates it)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def resolved_config(cfg: DictConfig) -> dict:
+    """The run's config as plain, resolved Python (Hydra's own node left out)."""
+    return {
+        k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+        for k, v in cfg.items()
+        if k != "hydra"
+    }
+
+
+def ensure_model_built(cfg: DictConfig) -> None:
+    """Build the model a config points at when it is missing (the toy base on first use).
+
+    A model config with ``build.experiment`` names the experiment that creates
+    ``model.path``; it runs once and its result is cached there for later runs.
+    """
+    build = cfg.model.get("build")
+    if not build or Path(cfg.model.path).exists():
+        return
+    path = Path(cfg.model.path)
+    print(f"The base model {path} does not exist yet: building it with experiment={build.experiment}.")
+    overrides = [f"experiment={build.experiment}", f"paths.output_dir={path}.run", f"method.save_dir={path}"]
+    overrides += [f"{k}={v}" for k, v in (build.get("overrides") or {}).items()]
+    sub = compose(config_name="train", overrides=overrides)
+    run(sub)
+    print(f"Cached the base model at {path}")
+
+
+def build_module(cfg: DictConfig):
+    """Tokenizer, task, student, optional teacher and the LightningModule from the config."""
+    tokenizer = instantiate(cfg.model.tokenizer)
+    task = instantiate(cfg.data.task)
+    student = instantiate(cfg.model.student)
+    extra = {}
+    if cfg.model.get("teacher") is not None:
+        from lightning_caopd.models import check_same_tokenizer
+
+        check_same_tokenizer(tokenizer, instantiate(cfg.model.teacher_tokenizer))
+        extra["teacher"] = instantiate(cfg.model.teacher)
+    module = instantiate(cfg.method, student=student, tokenizer=tokenizer, task=task, **extra)
+    return module, tokenizer, task
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run the experiment `cfg` describes and return what it wrote to metrics.json."""
+    L.seed_everything(cfg.seed, workers=True)
+    ensure_model_built(cfg)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    module, tokenizer, task = build_module(cfg)
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    data_cfg.pop("task", None)  # the task went to the module
+    datamodule = instantiate(data_cfg)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for lg in loggers:
+        lg.log_hyperparams(resolved_config(cfg))
+
+    # The model before its first training step, so base / OPD / CaOPD can be tabled.
+    module.eval_output_dir = out_dir if trainer.is_global_zero else None
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    initial = module.last_eval
+    if trainer.is_global_zero:
+        os.replace(out_dir / "reliability.png", out_dir / "reliability_initial.png")
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if module.last_eval_step != trainer.global_step:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    result = dict(module.last_eval)
+    result["initial"] = initial
+    result["run"] = {
+        "experiment": cfg.get("task_name"),
+        "method": cfg.method.get("name", "n/a"),
+        "seed": cfg.seed,
+        "steps": trainer.global_step,
+    }
+    if trainer.is_global_zero:
+        write_json_atomic(result, out_dir / METRICS_FILE)
+        print(f"Wrote {out_dir / METRICS_FILE}")
+    return result

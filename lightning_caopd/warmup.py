@@ -1,0 +1,150 @@
+"""The toy world's warm-up: supervised training of the base student.
+
+The base learns three things: the answer format with a confidence line on every answer; the
+``next`` family and half of the ``add`` family; and to use privileged context, that is, to
+copy a reference solution's answer and its stated confidence, with or without the CaOPD note.
+Its own confidences are noisy family-level guesses, so that their token entropy is high before
+distillation (the paper's entropy-collapse claim is measured against it).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lightning_caopd.calibration import CaOPD
+from lightning_caopd.models import build_char_tokenizer, save_model
+from lightning_caopd.module import StudentSystem
+from lightning_caopd.rollout import encode_chats
+from lightning_caopd.tasks.toy import ToyTask, add_pair_in_warmup, make_items
+from lightning_caopd.templates import TeacherTemplate, with_confidence
+
+# The base's stated confidence on its own answers: noisy, family-level, overconfident on `code`.
+BASE_CONFIDENCES = {
+    "next": [0.7, 0.8, 0.9, 1.0],
+    "add": [0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
+    "code": [0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
+}
+
+
+def warmup_examples(
+    n: int,
+    seed: int,
+    task: ToyTask,
+    template: TeacherTemplate,
+    caopd: CaOPD,
+    world_seed: int = 0,
+    teacher_share: float = 0.5,
+) -> list[tuple[list[dict], str]]:
+    """(chat, target completion) pairs for the warm-up.
+
+    A `teacher_share` of them carry a reference solution with a stated confidence (1.00 in a
+    third of them, else uniform on a 0.01 grid), and half of those the CaOPD note too; the
+    target copies the reference's answer and confidence. The rest are plain student prompts
+    whose target is the true answer (for ``add``, only on the warm-up half of the pairs) with a
+    noisy family-level confidence.
+    """
+    rng = random.Random(seed)
+    examples: list[tuple[list[dict], str]] = []
+    for item in make_items(4 * n, seed, "warmup", world_seed):
+        if len(examples) == n:
+            break
+        student = task.student_messages(item)
+        if rng.random() < teacher_share:
+            c = 1.0 if rng.random() < 1 / 3 else rng.randrange(101) / 100
+            line = f"Confidence: {c:.2f}"
+            note = caopd.note.format(p_acc=c) if rng.random() < 0.5 else ""
+            chat = template.messages(student, with_confidence(item["demo"], line), note)
+            examples.append((chat, f"{item['demo']}\n{line}"))
+            continue
+        if item["category"] == "add":
+            a, b = map(int, item["messages"][0]["content"].split()[1].split("+"))
+            if not add_pair_in_warmup(world_seed, a, b):
+                continue
+        c = rng.choice(BASE_CONFIDENCES[item["category"]])
+        examples.append((student, f"{item['demo']}\nConfidence: {c:.2f}"))
+    return examples
+
+
+class SFTDataset(Dataset):
+    """Tokenized (prompt, target) pairs; the loss counts target tokens only."""
+
+    def __init__(self, examples: list[tuple[list[dict], str]], tokenizer: PreTrainedTokenizerBase):
+        prompts, _ = encode_chats(tokenizer, [chat for chat, _ in examples])
+        targets = tokenizer([t for _, t in examples], add_special_tokens=False)["input_ids"]
+        eos = tokenizer.eos_token_id
+        self.rows = [(p, t + [eos]) for p, t in zip(prompts, targets, strict=True)]
+        self.pad_id = tokenizer.pad_token_id
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[list[int], list[int]]:
+        return self.rows[i]
+
+    def collate(self, rows: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        """Right-padded prompt+target ids with labels -100 outside the targets."""
+        width = max(len(p) + len(t) for p, t in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (p, t) in enumerate(rows):
+            ids[i, : len(p) + len(t)] = torch.tensor(p + t)
+            labels[i, len(p) : len(p) + len(t)] = torch.tensor(t)
+            mask[i, : len(p) + len(t)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def build_dataset(n: int, seed: int, world_seed: int, confidence_instruction: str) -> SFTDataset:
+    """The warm-up's tokenized examples, for the character tokenizer and default templates."""
+    examples = warmup_examples(
+        n, seed, ToyTask(confidence_instruction), TeacherTemplate(), CaOPD(), world_seed
+    )
+    return SFTDataset(examples, build_char_tokenizer())
+
+
+class WarmupModule(StudentSystem):
+    """Supervised warm-up of the toy base student; saves it with `save_pretrained` at the end.
+
+    Args:
+        student: the model to train.
+        tokenizer: its tokenizer.
+        task: the toy task (for evaluation).
+        optimizer: partial optimizer over the student's parameters.
+        save_dir: where the trained base is written.
+        scheduler: optional partial LR scheduler.
+        eval: evaluation options.
+        name: the method's name in logs and metrics.json.
+    """
+
+    def __init__(
+        self,
+        student: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        task: ToyTask,
+        optimizer: Callable,
+        save_dir: str,
+        scheduler: Callable | None = None,
+        eval: dict | None = None,  # noqa: A002
+        name: str = "sft",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["student", "tokenizer", "task"])
+        self.student, self.tokenizer, self.task = student, tokenizer, task
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.setup_eval(task, eval or {})
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.student(**batch).loss
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero:
+            path = save_model(self.student, self.tokenizer, Path(self.hparams.save_dir))
+            print(f"Saved the toy base student to {path}")
