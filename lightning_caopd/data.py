@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import random
+
 import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from lightning_caopd.tasks.toy import make_items
 
@@ -66,6 +68,33 @@ class ToyDataModule(ItemDataModule):
         self.eval_items = make_items(num_eval, seed, "eval", world_seed)
 
 
+class LengthGroupedBatches(Sampler[list[int]]):
+    """Batches of similar length (less padding), in a seeded random order.
+
+    Indices are shuffled, cut into pools of 50 batches, sorted by length within a pool, cut
+    into batches, and the batches shuffled.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0) -> None:
+        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
+
+    def __iter__(self):
+        rng = random.Random(self.seed + self.epoch)
+        self.epoch += 1
+        idx = list(range(len(self.lengths)))
+        rng.shuffle(idx)
+        pool = 50 * self.batch_size
+        batches = []
+        for start in range(0, len(idx), pool):
+            chunk = sorted(idx[start : start + pool], key=self.lengths.__getitem__)
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        rng.shuffle(batches)
+        return iter(batches)
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+
 class ToyWarmupDataModule(ItemDataModule):
     """The toy warm-up: tokenized supervised examples for training, toy items for evaluation.
 
@@ -80,13 +109,12 @@ class ToyWarmupDataModule(ItemDataModule):
     def __init__(self, dataset, num_eval: int = 600, seed: int = 0, world_seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.train_items = dataset
+        self.seed = seed
         self.eval_items = make_items(num_eval, seed, "eval", world_seed)
 
     def train_dataloader(self) -> DataLoader:
         self._check()
-        return DataLoader(
-            self.train_items,
-            batch_size=self.batch_size,
-            shuffle=self.shuffle,
-            collate_fn=self.train_items.collate,
-        )
+        rows = self.train_items
+        lengths = [len(p) + len(t) for p, t in rows.rows]
+        sampler = LengthGroupedBatches(lengths, self.batch_size, seed=self.seed)
+        return DataLoader(rows, batch_sampler=sampler, collate_fn=rows.collate)

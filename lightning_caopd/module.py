@@ -18,7 +18,13 @@ from lightning_caopd.divergence import divergence_loss, skip_first_tokens
 from lightning_caopd.evaluation import evaluate_items
 from lightning_caopd.metrics import CalibrationMetrics
 from lightning_caopd.models import make_teacher
-from lightning_caopd.rollout import build_batch, completion_logits, encode_chats, sample
+from lightning_caopd.rollout import (
+    build_batch,
+    completion_logits,
+    encode_chats,
+    sample,
+    shared_prefix_logits,
+)
 from lightning_caopd.tasks.base import Task
 from lightning_caopd.templates import TeacherTemplate
 
@@ -120,6 +126,7 @@ class DistillationModule(StudentSystem):
         teacher_ema: EMA rate of the teacher toward the student after each step (0: frozen).
         max_prompt_length: prompts longer than this lose their left end (counted).
         loss_chunk_size: positions per chunk in the memory-bounded divergence (None: unchunked).
+        share_prompt_prefix: encode each prompt once for its K rollouts (exact; faster).
         scheduler: optional partial LR scheduler over the optimizer.
         eval: evaluation options (``max_new_tokens``, ``do_sample``, ``temperature``).
         name: the method's name in logs and metrics.json.
@@ -144,6 +151,7 @@ class DistillationModule(StudentSystem):
         teacher_ema: float = 0.0,
         max_prompt_length: int | None = None,
         loss_chunk_size: int | None = None,
+        share_prompt_prefix: bool = True,
         scheduler: Callable | None = None,
         eval: dict | None = None,  # noqa: A002 - the config key users write
         name: str = "opd",
@@ -194,31 +202,27 @@ class DistillationModule(StudentSystem):
             p = p_acc[b].item()
             if self.caopd is not None:
                 context, note = self.caopd.teacher_context(context, p), self.caopd.teacher_note(p)
-            chat = self.template.messages(self.task.student_messages(item), context, note)
+            teacher_chats.append(self.template.messages(self.task.student_messages(item), context, note))
             for ids in roll.completions[group]:
                 completions.append(
                     self.caopd.student_completion(ids, p, self.tokenizer) if self.caopd else list(ids)
                 )
-                teacher_chats.append(chat)
         teacher_prompts, n_cut_t = encode_chats(self.tokenizer, teacher_chats, hp.max_prompt_length)
-        student_prompts = [p for p in prompts for _ in range(k)]
 
         # 4. Divergence between teacher and student next-token distributions on completions.
-        s_batch = build_batch(student_prompts, completions, self.tokenizer.pad_token_id, self.device)
-        t_batch = build_batch(teacher_prompts, completions, self.tokenizer.pad_token_id, self.device)
         with torch.no_grad():
-            teacher_logits = completion_logits(self.teacher, t_batch)  # (B*K, T, V)
-        student_logits = completion_logits(self.student, s_batch)  # (B*K, T, V)
-        mask = skip_first_tokens(s_batch["completion_mask"], hp.skip_first_tokens)
+            teacher_logits, _ = self.completion_logits(self.teacher, teacher_prompts, completions)
+        student_logits, completion_mask = self.completion_logits(self.student, prompts, completions)
+        mask = skip_first_tokens(completion_mask, hp.skip_first_tokens)
         loss, per_token = divergence_loss(
             student_logits, teacher_logits, mask, kind=hp.divergence, beta=hp.jsd_beta,
             chunk_size=hp.loss_chunk_size,
         )
-        del teacher_logits  # free (N, T, V) before backward
+        del teacher_logits  # free (B*K, T, V) before backward
 
         # 5. Log.
         elapsed = time.perf_counter() - start
-        n_tokens = int(s_batch["completion_mask"].sum())
+        n_tokens = int(completion_mask.sum())
         stats = {
             "train/loss": loss.detach(),
             "train/divergence": (per_token.detach().sum() / mask.sum().clamp(min=1)),
@@ -240,9 +244,28 @@ class DistillationModule(StudentSystem):
         self._p_acc_hist = p_acc.detach().cpu()
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def completion_logits(
+        self, model: PreTrainedModel, prompts: list[list[int]], completions: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B*K, T, V) on the completions of B prompts, and the completion mask.
+
+        With ``share_prompt_prefix`` each prompt is encoded once for its K completions.
+        """
+        pad = self.tokenizer.pad_token_id
+        if self.hparams.share_prompt_prefix:
+            return shared_prefix_logits(model, prompts, completions, pad, self.device)
+        k = len(completions) // len(prompts)
+        batch = build_batch([p for p in prompts for _ in range(k)], completions, pad, self.device)
+        return completion_logits(model, batch), batch["completion_mask"]
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # here, not in on_train_batch_end: with gradient accumulation the teacher moves once
+        # per optimizer step, as in the paper (ref_model_sync_steps=1), not once per micro-batch
         if self.hparams.teacher_ema > 0:
             ema_update(self.teacher, self.student, self.hparams.teacher_ema)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.caopd is not None and hasattr(self.logger, "experiment") and hasattr(
             self.logger.experiment, "add_histogram"
         ):

@@ -162,3 +162,57 @@ def completion_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) ->
         use_cache=False,
     )
     return out.logits[:, :-1]
+
+
+def shared_prefix_logits(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    pad_id: int,
+    device=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completion logits with each prompt encoded once for its K completions.
+
+    The K rollouts of a prompt share it as a prefix: the prompts (B, P) run once, their KV cache
+    is repeated K times, and the completions (B*K, T) run on top of it. Gradients flow back
+    through the shared prefix. Equal to `completion_logits` on `build_batch(prompts repeated K
+    times, completions)`.
+
+    Args:
+        model: the student or teacher.
+        prompts: B prompt id lists.
+        completions: B*K completion id lists, prompt-major.
+        pad_id: padding id.
+        device: where to run.
+
+    Returns:
+        Logits (B*K, T, V) predicting each completion token, and the completion mask (B*K, T).
+    """
+    k = len(completions) // len(prompts)
+    p_ids, p_mask = left_pad(prompts, pad_id, device)
+    out = model(
+        input_ids=p_ids,
+        attention_mask=p_mask,
+        position_ids=(p_mask.cumsum(1) - 1).clamp(min=0),
+        logits_to_keep=1,
+        use_cache=True,
+    )
+    cache = out.cache
+    cache.batch_repeat_interleave(k)
+    first = out.logits[:, -1:].repeat_interleave(k, dim=0)  # (B*K, 1, V): predicts token 0
+    width = max(1, max(len(c) for c in completions))
+    c_ids = torch.full((len(completions), width), pad_id, dtype=torch.long)
+    c_mask = torch.zeros((len(completions), width), dtype=torch.long)
+    for i, c in enumerate(completions):
+        c_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+        c_mask[i, : len(c)] = 1
+    c_ids, c_mask = c_ids.to(p_ids.device), c_mask.to(p_ids.device)
+    start = p_mask.sum(1).repeat_interleave(k)[:, None]  # (B*K, 1): positions continue the prompt
+    rest = model(
+        input_ids=c_ids[:, :-1],
+        attention_mask=torch.cat([p_mask.repeat_interleave(k, dim=0), c_mask[:, :-1]], dim=1),
+        position_ids=start + torch.arange(width - 1, device=p_ids.device)[None],
+        cache=cache,
+        use_cache=True,
+    ).logits  # (B*K, T-1, V): predicts tokens 1..T-1
+    return torch.cat([first, rest], dim=1), c_mask.bool()

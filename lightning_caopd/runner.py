@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra import compose
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -68,6 +69,8 @@ def build_module(cfg: DictConfig):
 
 def run(cfg: DictConfig) -> dict:
     """Run the experiment `cfg` describes and return what it wrote to metrics.json."""
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True)
     ensure_model_built(cfg)
     out_dir = Path(cfg.paths.output_dir)

@@ -1,7 +1,7 @@
 """The toy world's warm-up: supervised training of the base student.
 
 The base learns three things: the answer format with a confidence line on every answer; the
-``next`` family and half of the ``add`` family; and to use privileged context, that is, to
+``next`` family and half of the ``prev`` family; and to use privileged context, that is, to
 copy a reference solution's answer and its stated confidence, with or without the CaOPD note.
 Its own confidences are noisy family-level guesses, so that their token entropy is high before
 distillation (the paper's entropy-collapse claim is measured against it).
@@ -21,13 +21,13 @@ from lightning_caopd.calibration import CaOPD
 from lightning_caopd.models import build_char_tokenizer, save_model
 from lightning_caopd.module import StudentSystem
 from lightning_caopd.rollout import encode_chats
-from lightning_caopd.tasks.toy import ToyTask, add_pair_in_warmup, make_items
+from lightning_caopd.tasks.toy import ToyTask, prev_in_warmup, make_items
 from lightning_caopd.templates import TeacherTemplate, with_confidence
 
 # The base's stated confidence on its own answers: noisy, family-level, overconfident on `code`.
 BASE_CONFIDENCES = {
     "next": [0.7, 0.8, 0.9, 1.0],
-    "add": [0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
+    "prev": [0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
     "code": [0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
 }
 
@@ -46,7 +46,7 @@ def warmup_examples(
     A `teacher_share` of them carry a reference solution with a stated confidence (1.00 in a
     third of them, else uniform on a 0.01 grid), and half of those the CaOPD note too; the
     target copies the reference's answer and confidence. The rest are plain student prompts
-    whose target is the true answer (for ``add``, only on the warm-up half of the pairs) with a
+    whose target is the true answer (for ``prev``, only on the warm-up half of the letters) with a
     noisy family-level confidence.
     """
     rng = random.Random(seed)
@@ -62,10 +62,8 @@ def warmup_examples(
             chat = template.messages(student, with_confidence(item["demo"], line), note)
             examples.append((chat, f"{item['demo']}\n{line}"))
             continue
-        if item["category"] == "add":
-            a, b = map(int, item["messages"][0]["content"].split()[1].split("+"))
-            if not add_pair_in_warmup(world_seed, a, b):
-                continue
+        if item["category"] == "prev" and not prev_in_warmup(world_seed, item["messages"][0]["content"][-1]):
+            continue
         c = rng.choice(BASE_CONFIDENCES[item["category"]])
         examples.append((student, f"{item['demo']}\nConfidence: {c:.2f}"))
     return examples
@@ -100,11 +98,12 @@ class SFTDataset(Dataset):
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def build_dataset(n: int, seed: int, world_seed: int, confidence_instruction: str) -> SFTDataset:
+def build_dataset(
+    n: int, seed: int, world_seed: int, confidence_instruction: str, instruction_role: str = "system"
+) -> SFTDataset:
     """The warm-up's tokenized examples, for the character tokenizer and default templates."""
-    examples = warmup_examples(
-        n, seed, ToyTask(confidence_instruction), TeacherTemplate(), CaOPD(), world_seed
-    )
+    task = ToyTask(confidence_instruction, instruction_role)
+    examples = warmup_examples(n, seed, task, TeacherTemplate(), CaOPD(), world_seed)
     return SFTDataset(examples, build_char_tokenizer())
 
 

@@ -18,7 +18,7 @@ def test_two_step_run_writes_metrics_json(experiment, toy_base, tmp_path):
             "answer_entropy", "confidence_entropy", "by_category"}
     assert keys <= written.keys() and keys <= written["initial"].keys()
     assert written["n"] == 24 and written["initial"]["n"] == 24
-    assert set(written["by_category"]) <= {"next", "add", "code"}
+    assert set(written["by_category"]) <= {"next", "prev", "code"}
     assert (tmp_path / "reliability.png").stat().st_size > 10_000
     assert (tmp_path / "reliability_initial.png").exists()
     assert result["accuracy"] == written["accuracy"]

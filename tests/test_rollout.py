@@ -55,3 +55,30 @@ def test_toy_items_are_seeded_and_verified():
     train_codes = {it["messages"][0]["content"] for it in toy.make_items(3000, 0, "train") if it["category"] == "code"}
     eval_codes = {it["messages"][0]["content"] for it in a if it["category"] == "code"}
     assert not train_codes & eval_codes
+
+
+def test_shared_prefix_equals_unshared_loss_and_gradients():
+    from lightning_caopd.divergence import divergence_loss
+    from lightning_caopd.rollout import shared_prefix_logits
+
+    torch.manual_seed(0)
+    model = build_tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=2, seed=2)
+    teacher = build_tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=2, seed=3)
+    prompts = [[10, 11, 12, 13], [14, 15]]
+    comps = [[20, 21, 5], [22], [23, 24, 25, 26], [27, 28]]  # K = 2, ragged
+    with torch.no_grad():
+        t_logits = completion_logits(teacher, build_batch([p for p in prompts for _ in range(2)], comps, 0))
+    grads = []
+    for shared in (False, True):
+        model.zero_grad()
+        if shared:
+            s_logits, mask = shared_prefix_logits(model, prompts, comps, 0)
+        else:
+            batch = build_batch([p for p in prompts for _ in range(2)], comps, 0)
+            s_logits, mask = completion_logits(model, batch), batch["completion_mask"]
+        loss, _ = divergence_loss(s_logits, t_logits, mask)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -12,20 +12,36 @@ class Task(ABC):
     instruction), ``answer``, ``demo`` (a demonstration) and ``category``.
 
     Args:
-        confidence_instruction: appended to the last user turn of the student's prompt.
+        confidence_instruction: the instruction to state a confidence.
+        instruction_role: ``"user"`` appends it to the last user turn; ``"system"`` puts it in
+            the system message (appended to one the item has, or as a new first message).
     """
 
     categories: tuple[str, ...] = ()
 
-    def __init__(self, confidence_instruction: str) -> None:
+    def __init__(self, confidence_instruction: str, instruction_role: str = "user") -> None:
+        if instruction_role not in ("user", "system"):
+            raise ValueError(
+                f"instruction_role must be 'user' or 'system'; got {instruction_role!r} "
+                "(set `data.task.instruction_role`)."
+            )
         self.confidence_instruction = confidence_instruction
+        self.instruction_role = instruction_role
 
     def student_messages(self, item: dict) -> list[dict]:
         """The student's chat: the item's messages with the confidence instruction."""
         out = [dict(m) for m in item["messages"]]
-        if self.confidence_instruction:
-            last_user = max(i for i, m in enumerate(out) if m["role"] == "user")
-            out[last_user]["content"] = f"{out[last_user]['content']}\n{self.confidence_instruction}"
+        text = self.confidence_instruction
+        if not text:
+            return out
+        if self.instruction_role == "system":
+            if out and out[0]["role"] == "system":
+                out[0]["content"] = f"{out[0]['content']}\n{text}"
+            else:
+                out.insert(0, {"role": "system", "content": text})
+            return out
+        last_user = max(i for i, m in enumerate(out) if m["role"] == "user")
+        out[last_user]["content"] = f"{out[last_user]['content']}\n{text}"
         return out
 
     @abstractmethod

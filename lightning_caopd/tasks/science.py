@@ -33,6 +33,7 @@ import re
 from pathlib import Path
 
 from lightning_caopd.io import row_error
+from lightning_caopd.tasks.base import Task
 
 _CHOICE = re.compile(r"\s*[*_]*\s*\(?\s*([A-Za-z])\s*\)?\s*[.:]?\s*[*_]*\s*")
 # The innermost <answer>...</answer>: no second opening tag inside.
@@ -214,3 +215,39 @@ def row_to_item(row: dict, index: int, source: str) -> dict:
         "demo": demo,
         "category": str(row.get("category") or "science"),
     }
+
+
+CONFIDENCE_INSTRUCTION = (
+    "After </answer>, add one line:\n"
+    "Confidence: your confidence level (0.0-1.0) that your answer is correct, must be in "
+    "numerical format, no other words or explanation."
+)
+
+
+class ScienceTask(Task):
+    """Science multiple choice as a `Task`: the student answers a letter and a confidence.
+
+    Items come from `row_to_item`: ``messages`` are [system, user]; the confidence instruction
+    joins the user turn, so the system message stays as the dataset wrote it (CaOPD, arXiv
+    2604.16830, Sec. 5).
+
+    Args:
+        confidence_instruction: appended to the user turn of the student's prompt.
+        categories: item categories reported separately; other categories count only overall.
+    """
+
+    def __init__(
+        self,
+        confidence_instruction: str = CONFIDENCE_INSTRUCTION,
+        categories: tuple[str, ...] | list[str] = ("science",),
+    ) -> None:
+        super().__init__(confidence_instruction)
+        self.categories = tuple(categories)
+
+    def parse_answer(self, completion: str) -> str | None:
+        """See `extract_answer`."""
+        return extract_answer(completion)
+
+    def verify(self, completion: str, item: dict) -> bool:
+        """See `verify` (the module function) with the item's letter."""
+        return verify(completion, item["answer"])

@@ -30,6 +30,7 @@ import re
 from pathlib import Path
 
 from lightning_caopd.io import DataError, row_error
+from lightning_caopd.tasks.base import Task
 
 _ACTION = re.compile(r"^[ \t>*_]*Action[ \t*_]*:[ \t]*(.*)$", re.MULTILINE | re.IGNORECASE)
 _ACTION_INPUT = re.compile(r"Action[ _]Input[ \t*_]*:", re.IGNORECASE)
@@ -281,3 +282,56 @@ def row_to_item(row: dict, index: int, source: str) -> dict:
         "demo": response,
         "category": "tooluse",
     }
+
+
+CONFIDENCE_INSTRUCTION = (
+    "Confidence: your confidence level (0.0-1.0) regarding the success of this action, must "
+    "be in numerical format, no other words or explanation."
+)
+_BEGIN = "\n\nBegin!"
+
+
+class ToolUseTask(Task):
+    """Tool use (ToolAlpaca) as a `Task`: one API call in the Thought/Action format.
+
+    As in the paper's code (CaOPD, arXiv 2604.16830), the confidence instruction joins the
+    format list just before ``Begin!``, so it reads as one more line of the response format;
+    a prompt without ``Begin!`` gets it at the end.
+
+    Args:
+        confidence_instruction: the confidence line of the response format.
+        strict: score every call in order (see `verify`) instead of the first call only.
+    """
+
+    categories = ("tooluse",)
+
+    def __init__(
+        self, confidence_instruction: str = CONFIDENCE_INSTRUCTION, strict: bool = False
+    ) -> None:
+        super().__init__(confidence_instruction)
+        self.strict = strict
+
+    def student_messages(self, item: dict) -> list[dict]:
+        """The item's chat with the confidence instruction before ``Begin!`` in the user turn."""
+        out = [dict(m) for m in item["messages"]]
+        if not self.confidence_instruction:
+            return out
+        last_user = max(i for i, m in enumerate(out) if m["role"] == "user")
+        text = out[last_user]["content"]
+        if _BEGIN in text:
+            text = text.replace(_BEGIN, f"\n{self.confidence_instruction}{_BEGIN}", 1)
+        else:
+            text = f"{text}\n{self.confidence_instruction}"
+        out[last_user]["content"] = text
+        return out
+
+    def parse_answer(self, completion: str) -> str | None:
+        """The first call as ``name {json input}``, or None (see `parse_first_call`)."""
+        call = parse_first_call(completion)
+        if call is None:
+            return None
+        return f"{call[0]} {json.dumps(call[1], sort_keys=True, ensure_ascii=False)}"
+
+    def verify(self, completion: str, item: dict) -> bool:
+        """See `verify` (the module function) with the item's golden calls."""
+        return verify(completion, item["answer"], strict=self.strict)

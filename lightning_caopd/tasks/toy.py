@@ -3,10 +3,13 @@
 Three families, the family name visible in every prompt:
 
 * ``next``: ``next k`` -> ``l``, the next letter (z wraps to a). The base student solves it.
-* ``add``: ``add 3+5`` -> ``8``. The warm-up teaches the student only half of the 100 digit
-  pairs (a seeded subset), so the base partly solves the family and OPD can teach the rest.
-* ``code``: ``code 4821`` -> a seeded random three-letter code. No model can know it without
-  the privileged context.
+* ``prev``: ``prev k`` -> ``j``, the previous letter. The warm-up teaches the student only a
+  seeded half of the 26 letters, so the base partly solves the family and OPD can teach the rest.
+* ``code``: ``code 4821`` -> a seeded random letter. No model can know it without the
+  privileged context.
+
+Every answer is one character, so a reference solution sits at a fixed distance from the
+completion that copies it: a tiny model learns to use privileged context in minutes.
 
 Completions read ``Answer: X`` then ``Confidence: 0.62``.
 """
@@ -19,7 +22,7 @@ import zlib
 
 from lightning_caopd.tasks.base import Task
 
-FAMILIES = ("next", "add", "code")
+FAMILIES = ("next", "prev", "code")
 _ANSWER = re.compile(r"Answer:[ \t]*([^\n]*)")
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -29,14 +32,14 @@ def _hash(*parts: object) -> int:
 
 
 def secret_code(world_seed: int, number: int) -> str:
-    """The code family's answer: three letters fixed by the world seed, unrelated to `number`."""
-    rng = random.Random(_hash("code", world_seed, number))
-    return "".join(rng.choice(_LETTERS) for _ in range(3))
+    """The code family's answer: a letter fixed by the world seed, unrelated to `number`."""
+    return random.Random(_hash("code", world_seed, number)).choice(_LETTERS)
 
 
-def add_pair_in_warmup(world_seed: int, a: int, b: int) -> bool:
-    """Whether the warm-up teaches the sum of (a, b): a seeded half of the 100 pairs."""
-    return _hash("add", world_seed, a, b) % 2 == 0
+def prev_in_warmup(world_seed: int, letter: str) -> bool:
+    """Whether the warm-up teaches ``prev letter``: a seeded half of the alphabet."""
+    order = sorted(_LETTERS, key=lambda c: _hash("prev", world_seed, c))
+    return letter in order[:13]
 
 
 def make_item(rng: random.Random, family: str, index: int, split: str, world_seed: int) -> dict:
@@ -44,9 +47,9 @@ def make_item(rng: random.Random, family: str, index: int, split: str, world_see
     if family == "next":
         i = rng.randrange(26)
         question, answer = f"next {_LETTERS[i]}", _LETTERS[(i + 1) % 26]
-    elif family == "add":
-        a, b = rng.randrange(10), rng.randrange(10)
-        question, answer = f"add {a}+{b}", str(a + b)
+    elif family == "prev":
+        i = rng.randrange(26)
+        question, answer = f"prev {_LETTERS[i]}", _LETTERS[(i - 1) % 26]
     elif family == "code":
         # Train and eval draw from disjoint numbers, so eval codes are never seen in training.
         number = 2 * rng.randrange(5000) + (split != "train")
@@ -84,8 +87,10 @@ class ToyTask(Task):
 
     categories = FAMILIES
 
-    def __init__(self, confidence_instruction: str = "Say Answer and Confidence.") -> None:
-        super().__init__(confidence_instruction)
+    def __init__(
+        self, confidence_instruction: str = "Say Answer and Confidence.", instruction_role: str = "system"
+    ) -> None:
+        super().__init__(confidence_instruction, instruction_role)
 
     def parse_answer(self, completion: str) -> str | None:
         """See `parse_answer`."""

