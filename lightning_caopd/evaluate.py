@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from lightning_caopd.module import StudentSystem
-from lightning_caopd.runner import METRICS_FILE, write_json_atomic
+from lightning_caopd.runner import METRICS_FILE, ensure_model_built, write_json_atomic
 
 SPLITS = ("eval", "train", "all")
 _MODEL_KEYS = ("pretrained_model_name_or_path", "gguf", "path")  # how a model config names it
@@ -104,6 +104,7 @@ def evaluate(cfg: DictConfig) -> dict:
         datamodule.setup("validate")  # a bad path fails here, before the model loads
         items = datamodule.eval_items if cfg.split == "eval" else datamodule.train_items
 
+    ensure_model_built(cfg)  # the toy base, on first use
     tokenizer = instantiate(cfg.model.tokenizer)
     student = instantiate(cfg.model.student)
     if cfg.get("checkpoint"):
@@ -128,10 +129,8 @@ def evaluate(cfg: DictConfig) -> dict:
         with (out_dir / "completions.jsonl").open("w") as f:
             for record in module.eval_records:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        print(
-            f"Wrote {out_dir / METRICS_FILE}: accuracy {result['accuracy']:.3f}, "
-            f"ECE {result['ece']:.3f}, n {result['n']}"
-        )
+        summary = ", ".join(f"{k} {result.get(k)}" for k in ("n", "accuracy", "ece", "format_rate"))
+        print(f"Wrote {out_dir / METRICS_FILE} ({summary})")
     return result
 
 

@@ -46,10 +46,19 @@ def ensure_model_built(cfg: DictConfig) -> None:
     path = Path(cfg.model.path)
     print(f"The base model {path} does not exist yet: building it with experiment={build.experiment}.")
     overrides = [f"experiment={build.experiment}", f"paths.output_dir={path}.run", f"method.save_dir={path}"]
-    overrides += [f"{k}={v}" for k, v in (build.get("overrides") or {}).items()]
+    overrides += [f"{k}={v}" for k, v in _flatten(OmegaConf.to_container(build.get("overrides") or {}, resolve=True))]
     sub = compose(config_name="train", overrides=overrides)
     run(sub)
     print(f"Cached the base model at {path}")
+
+
+def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """{"a": {"b": 1}, "c.d": 2} -> [("a.b", 1), ("c.d", 2)] (Hydra override keys)."""
+    out = []
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out += _flatten(v, f"{key}.") if isinstance(v, dict) else [(key, v)]
+    return out
 
 
 def build_module(cfg: DictConfig):

@@ -28,3 +28,19 @@ def test_caopd_with_one_rollout_is_a_clear_error(toy_base, tmp_path):
     cfg = compose_cfg(["experiment=caopd", f"model.path={toy_base}", *TINY, "method.num_rollouts=1"], tmp_path)
     with pytest.raises(Exception, match="K >= 2"):
         run(cfg)
+
+
+def test_missing_base_is_built_on_first_use_and_cached(tmp_path):
+    from hydra import initialize_config_dir
+
+    from tests.conftest import CONF_DIR
+
+    small_build = ["+model.build.overrides.trainer.max_steps=2", "+model.build.overrides.data.dataset.n=64",
+                   "+model.build.overrides.data.num_eval=6"]
+    cfg = compose_cfg(["experiment=caopd", *TINY, *small_build], tmp_path)
+    base = tmp_path / "cache" / "toy_base" / "world0"
+    assert not base.exists()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        run(cfg)
+    assert (base / "config.json").exists() and (base / "tokenizer.json").exists()
+    assert json.loads((tmp_path / "metrics.json").read_text())["run"]["steps"] == 2
