@@ -40,8 +40,8 @@ class TeacherTemplate:
     """
 
     source: str = "demo"
-    user_format: str = "{prompt}{note}\n\nReference solution:\n{context}"
-    note_format: str = "\n\n{note}"
+    user_format: str = "Reference solution:\n{context}{note}\n\n{prompt}"
+    note_format: str = "\n{note}"
     confidence_line: str = "Confidence: 1.00"
 
     def __post_init__(self) -> None:

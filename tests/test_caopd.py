@@ -61,7 +61,7 @@ def test_demo_template_puts_context_in_last_user_turn_and_keeps_system():
     student = [{"role": "system", "content": "SYS"}, {"role": "user", "content": "Q?"}]
     msgs = t.messages(student, ctx, note="NOTE")
     assert msgs[0] == {"role": "system", "content": "SYS"}
-    assert msgs[1]["content"].startswith("Q?") and ctx in msgs[1]["content"] and "NOTE" in msgs[1]["content"]
+    assert msgs[1]["content"].endswith("Q?") and ctx in msgs[1]["content"] and "NOTE" in msgs[1]["content"]
     assert student[1]["content"] == "Q?"  # the student's chat is not mutated
 
 
