@@ -42,6 +42,17 @@ def left_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Ten
     return ids.to(device), mask.to(device)
 
 
+def right_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token rows into (N, T) ids and mask (T >= 1, so empty rows still fit)."""
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
 def completion_mask(tokens: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
     """Mask (N, T) of completion tokens up to and including the first stop token.
 
@@ -135,12 +146,7 @@ def build_batch(
         P - 1 + t, so ``logits_to_keep = T + 1`` and dropping the last one gives them.
     """
     p_ids, p_mask = left_pad(prompts, pad_id)
-    width = max(1, max(len(c) for c in completions))
-    c_ids = torch.full((len(completions), width), pad_id, dtype=torch.long)
-    c_mask = torch.zeros((len(completions), width), dtype=torch.long)
-    for i, c in enumerate(completions):
-        c_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
-        c_mask[i, : len(c)] = 1
+    c_ids, c_mask = right_pad(completions, pad_id)
     attn = torch.cat([p_mask, c_mask], dim=1)
     position_ids = (attn.cumsum(dim=1) - 1).clamp(min=0)
     return {
@@ -200,13 +206,8 @@ def shared_prefix_logits(
     cache = out.cache
     cache.batch_repeat_interleave(k)
     first = out.logits[:, -1:].repeat_interleave(k, dim=0)  # (B*K, 1, V): predicts token 0
-    width = max(1, max(len(c) for c in completions))
-    c_ids = torch.full((len(completions), width), pad_id, dtype=torch.long)
-    c_mask = torch.zeros((len(completions), width), dtype=torch.long)
-    for i, c in enumerate(completions):
-        c_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
-        c_mask[i, : len(c)] = 1
-    c_ids, c_mask = c_ids.to(p_ids.device), c_mask.to(p_ids.device)
+    c_ids, c_mask = right_pad(completions, pad_id, p_ids.device)
+    width = c_ids.shape[1]
     start = p_mask.sum(1).repeat_interleave(k)[:, None]  # (B*K, 1): positions continue the prompt
     rest = model(
         input_ids=c_ids[:, :-1],
