@@ -5,8 +5,12 @@ from __future__ import annotations
 import random
 
 import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Sampler
 
+from lightning_caopd.checkpointing import ResumableDataLoader
 from lightning_caopd.tasks.toy import make_items
 
 
@@ -40,13 +44,31 @@ class ItemDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self._check()
-        return DataLoader(
-            self.train_items, batch_size=self.batch_size, shuffle=self.shuffle, collate_fn=_as_list
+        # a generator of its own, seeded by the run's seed: the order replays on resume
+        # (`ResumableDataLoader`), and drawing it leaves torch's global generator alone
+        return ResumableDataLoader(
+            dataset=self.train_items,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            collate_fn=_as_list,
+            generator=torch.Generator().manual_seed(torch.initial_seed()),
+            trained_batches=self._trained_batches,
         )
+
+    def _trained_batches(self) -> int:
+        """Batches trained on in the current epoch (the data position a checkpoint records)."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def val_dataloader(self) -> DataLoader:
         self._check()
-        return DataLoader(self.eval_items, batch_size=self.eval_batch_size, collate_fn=_as_list)
+        sampler = None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # each rank scores its own items, none twice (Lightning's default sampler pads the
+            # last ranks with repeats, which would count items twice in the synced metrics)
+            sampler = UnrepeatedDistributedSampler(self.eval_items, shuffle=False)
+        return DataLoader(
+            self.eval_items, batch_size=self.eval_batch_size, sampler=sampler, collate_fn=_as_list
+        )
 
 
 class ToyDataModule(ItemDataModule):

@@ -62,8 +62,13 @@ def build_tiny_llama(
     intermediate_size: int = 256,
     max_position_embeddings: int = 512,
     seed: int = 0,
+    attn_implementation: str = "eager",
 ) -> LlamaForCausalLM:
-    """A randomly initialised Llama for the character tokenizer of `build_char_tokenizer`."""
+    """A randomly initialised Llama for the character tokenizer of `build_char_tokenizer`.
+
+    ``eager`` attention is the faster on CPU for generation at these sizes; ``sdpa`` for
+    training on padded batches.
+    """
     tokenizer = build_char_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -78,10 +83,9 @@ def build_tiny_llama(
         bos_token_id=None,
         tie_word_embeddings=True,
     )
-    config._attn_implementation = "eager"
+    config._attn_implementation = attn_implementation
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        # eager attention: on CPU it is several times faster than SDPA at these sizes
         model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -113,12 +117,81 @@ def load_tokenizer(pretrained_model_name_or_path: str, **kwargs) -> PreTrainedTo
     return tok
 
 
-def make_teacher(student: PreTrainedModel, teacher: PreTrainedModel | None = None) -> PreTrainedModel:
-    """Return a frozen teacher: a deep copy of the student (self-distillation) or `teacher`.
+def apply_lora(
+    model: PreTrainedModel,
+    r: int = 8,
+    alpha: int = 16,
+    target_modules: list[str] | None = None,
+    dropout: float = 0.0,
+) -> PreTrainedModel:
+    """Wrap `model` in a `peft` LoRA adapter: only the adapter's weights train.
 
-    The teacher is put in eval mode and has `requires_grad` off; Lightning warns about modules
-    in eval mode inside a training module, which is expected here.
+    Args:
+        model: the student.
+        r: adapter rank.
+        alpha: LoRA scaling numerator (the update is scaled by ``alpha / r``).
+        target_modules: names of the linear layers that get an adapter (None: peft's default
+            for the architecture).
+        dropout: dropout on the adapter's input.
+
+    Returns:
+        A ``peft.PeftModelForCausalLM``; its ``disable_adapter()`` gives back the base model,
+        which `make_teacher` uses as the self-distillation teacher.
     """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise ImportError(
+            "model.lora needs peft: pip install -e '.[lora]' (or set model.lora=null)."
+        ) from e
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=list(target_modules) if target_modules else None,
+        lora_dropout=dropout, task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+class AdapterDisabledTeacher:
+    """The base weights of a LoRA student as the frozen teacher: no second copy of the model.
+
+    Calls run the student's forward inside peft's ``disable_adapter()`` and in eval mode, so
+    the teacher is exactly the model the adapter was added to (the student's initial weights).
+    Not an ``nn.Module`` on purpose: registering it would list the student's weights twice.
+
+    Args:
+        model: the peft-wrapped student.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        was_training = self.model.training
+        self.model.eval()  # the frozen teacher never runs dropout
+        try:
+            with self.model.disable_adapter():
+                return self.model(*args, **kwargs)
+        finally:
+            self.model.train(was_training)
+
+
+def is_lora(model: torch.nn.Module) -> bool:
+    """Whether `model` carries a peft adapter."""
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def make_teacher(
+    student: PreTrainedModel, teacher: PreTrainedModel | None = None
+) -> PreTrainedModel | AdapterDisabledTeacher:
+    """Return a frozen teacher: `teacher`, or the student's initial weights (self-distillation).
+
+    Self-distilling, the teacher is a deep copy of the student, or, when the student carries a
+    LoRA adapter, the student itself with the adapter disabled (`AdapterDisabledTeacher`, no
+    copy). A copied or separate teacher is put in eval mode and has `requires_grad` off;
+    Lightning warns about modules in eval mode inside a training module, which is expected here.
+    """
+    if teacher is None and is_lora(student):
+        return AdapterDisabledTeacher(student)
     teacher = copy.deepcopy(student) if teacher is None else teacher
     teacher.requires_grad_(False)
     teacher.eval()

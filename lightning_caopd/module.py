@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from pathlib import Path
 from collections.abc import Callable
@@ -13,20 +14,22 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_caopd.calibration import CaOPD, empirical_accuracy
+from lightning_caopd.checkpointing import RNG_KEY, rng_states, set_rng_states
 from lightning_caopd.confidence import parse_confidence
 from lightning_caopd.divergence import divergence_loss, skip_first_tokens
 from lightning_caopd.evaluation import evaluate_items
 from lightning_caopd.metrics import CalibrationMetrics
-from lightning_caopd.models import make_teacher
+from lightning_caopd.engines import HFEngine, RolloutEngine
+from lightning_caopd.models import AdapterDisabledTeacher, make_teacher
 from lightning_caopd.rollout import (
     build_batch,
     completion_logits,
     encode_chats,
-    sample,
     shared_prefix_logits,
 )
 from lightning_caopd.tasks.base import Task
 from lightning_caopd.templates import TeacherTemplate
+from lightning_caopd.tracking import Tracker, log_histogram, reliability_bins
 
 
 class StudentSystem(L.LightningModule):
@@ -52,6 +55,20 @@ class StudentSystem(L.LightningModule):
         self.last_eval_step = -1
         self.eval_output_dir: Path | None = None  # where each evaluation's reliability.png goes
         self.eval_records: list[dict] = []
+        self.tracker = Tracker()  # reliability images; DistillationModule sets its options
+        self.initial_eval: dict | None = None  # the evaluation before the first step (metrics.json)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning saves weights, optimizer, scheduler and loop progress; these complete an
+        # exact resume: the generators the next step draws from (rollouts sample from torch's)
+        # and the evaluation before the first step, which a resumed run cannot recompute
+        checkpoint[RNG_KEY] = rng_states()
+        checkpoint["initial_eval"] = self.initial_eval
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if RNG_KEY in checkpoint:
+            set_rng_states(checkpoint[RNG_KEY])
+        self.initial_eval = checkpoint.get("initial_eval")
 
     def validation_step(self, batch: list[dict], batch_idx: int) -> None:
         out = evaluate_items(
@@ -86,12 +103,17 @@ class StudentSystem(L.LightningModule):
             value = metric.compute().item() if metric.update_count else float("nan")
             result[name] = None if math.isnan(value) else value
             metric.reset()
+        result["reliability"] = reliability_bins(self.val_metrics)  # every rank: gathered
+        self.tracker.evaluation(self, result)
         self.last_eval = result
         self.last_eval_step = self.global_step
-        if self.eval_output_dir is not None:
-            self.val_metrics.save_reliability_diagram(
-                Path(self.eval_output_dir) / "reliability.png", title=f"step {self.global_step}"
-            )
+        if self.eval_output_dir is not None or getattr(self._trainer, "world_size", 1) > 1:
+            # drawing gathers the bins across ranks, so under DDP every rank draws (else rank 0
+            # waits for the others forever); only rank 0 has an eval_output_dir to keep it in
+            with tempfile.TemporaryDirectory() as scratch:
+                self.val_metrics.save_reliability_diagram(
+                    Path(self.eval_output_dir or scratch) / "reliability.png", title=f"step {self.global_step}"
+                )
         self.log_dict(
             {f"val/{k}": float(v) for k, v in result.items() if isinstance(v, int | float)},
             sync_dist=False,  # already synced by the metrics
@@ -130,6 +152,15 @@ class DistillationModule(StudentSystem):
         scheduler: optional partial LR scheduler over the optimizer.
         eval: evaluation options (``max_new_tokens``, ``do_sample``, ``temperature``).
         name: the method's name in logs and metrics.json.
+        tracking: `lightning_caopd.tracking.Tracker` options (``rollouts_every``,
+            ``rollout_rows``, ``entropy``).
+        prompt_overflow: a student prompt longer than ``max_prompt_length`` is cut at its left
+            end (``truncate``) or its item is left out of the step (``skip``); both are counted.
+            Teacher prompts are always truncated.
+        max_nonfinite_steps: stop the run after this many optimizer steps in a row with a
+            non-finite loss or gradient (each is skipped: no update); None never stops.
+        engine: what samples the rollouts (`lightning_caopd.engines`); None is `HFEngine`,
+            the student's own ``generate``.
     """
 
     def __init__(
@@ -155,9 +186,13 @@ class DistillationModule(StudentSystem):
         scheduler: Callable | None = None,
         eval: dict | None = None,  # noqa: A002 - the config key users write
         name: str = "opd",
+        tracking: dict | None = None,
+        prompt_overflow: str = "truncate",
+        max_nonfinite_steps: int | None = 3,
+        engine: RolloutEngine | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["student", "teacher", "tokenizer", "task", "template", "caopd"])
+        self.save_hyperparameters(ignore=["student", "teacher", "tokenizer", "task", "template", "caopd", "engine"])
         if caopd is not None and num_rollouts < 2:
             raise ValueError(
                 f"CaOPD needs K >= 2 rollouts per prompt to measure P_acc; got "
@@ -165,8 +200,28 @@ class DistillationModule(StudentSystem):
             )
         if not 0.0 <= teacher_ema <= 1.0:
             raise ValueError(f"method.teacher_ema must be in [0, 1]; got {teacher_ema}.")
+        if prompt_overflow not in ("truncate", "skip"):
+            raise ValueError(
+                f"method.prompt_overflow must be 'truncate' or 'skip'; got {prompt_overflow!r}."
+            )
+        if max_nonfinite_steps is not None and max_nonfinite_steps < 1:
+            raise ValueError(
+                "method.max_nonfinite_steps must be 1 or more, or null to never stop; got "
+                f"{max_nonfinite_steps}."
+            )
+        self.nonfinite_streak = 0  # optimizer steps in a row skipped for a non-finite loss/gradient
+        self.nonfinite_total = 0
         self.student = student
         self.teacher = make_teacher(student, teacher)
+        if teacher_ema > 0 and isinstance(self.teacher, AdapterDisabledTeacher):
+            raise ValueError(
+                "method.teacher_ema > 0 moves the teacher toward the student, but with model.lora "
+                "the self-distillation teacher is the student's own base weights (adapter off), "
+                "which the EMA would overwrite. Set method.teacher_ema=0, or model.lora=null."
+            )
+        self.engine = engine if engine is not None else HFEngine()
+        self.engine.attach(tokenizer)
+        self._engine_step = -1  # the optimizer step the engine's weights are from
         self.tokenizer = tokenizer
         self.task = task
         self.template = template
@@ -174,6 +229,7 @@ class DistillationModule(StudentSystem):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.setup_eval(task, eval or {})
+        self.tracker = Tracker(**(tracking or {}))
 
     def training_step(self, batch: list[dict], batch_idx: int) -> torch.Tensor:
         """One OPD step, following the paper's algorithm box."""
@@ -183,9 +239,21 @@ class DistillationModule(StudentSystem):
 
         # 1. Rollouts: K samples per prompt from the student, one batched generate call.
         prompts, n_cut = encode_chats(
-            self.tokenizer, [self.task.student_messages(it) for it in batch], hp.max_prompt_length
+            self.tokenizer, [self.task.student_messages(it) for it in batch], hp.max_prompt_length,
+            hp.prompt_overflow,
         )
-        roll = sample(self.student, self.tokenizer, prompts, k, hp.max_new_tokens, hp.temperature, hp.top_p)
+        n_skipped = 0
+        if hp.prompt_overflow == "skip":
+            n_skipped, n_cut = n_cut, 0
+            batch = [it for it, p in zip(batch, prompts, strict=True) if p is not None]
+            prompts = [p for p in prompts if p is not None]
+            self.log("train/prompts_skipped", float(n_skipped), batch_size=max(1, len(batch)))
+            if not batch:  # every prompt too long: no loss, no update (Lightning skips the step)
+                return None
+        if self._engine_step != self.global_step:  # the student moved: rollouts stay on-policy
+            self.engine.sync_weights(self.student)
+            self._engine_step = self.global_step
+        roll = self.engine.sample(prompts, k, hp.max_new_tokens, hp.temperature, hp.top_p)
 
         # 2. Verify each rollout; P_acc per prompt.
         items = [it for it in batch for _ in range(k)]
@@ -238,6 +306,8 @@ class DistillationModule(StudentSystem):
             "train/tokens_per_s": torch.tensor(n_tokens / elapsed),
         }
         stats.update({f"train/{k_}": torch.tensor(v) for k_, v in CaOPD.stats(p_acc).items()})
+        stats.update(self.tracker.step_stats(student_logits.detach(), completions, self.tokenizer))
+        self.tracker.rollouts(self, batch, roll.texts, correct, p_acc)
         self.log_dict(stats, batch_size=len(batch))
         self.log("p_acc", p_acc.mean(), prog_bar=True, batch_size=len(batch), logger=False)
         self.log("rollouts/s", len(items) / elapsed, prog_bar=True, batch_size=len(batch), logger=False)
@@ -258,18 +328,71 @@ class DistillationModule(StudentSystem):
         batch = build_batch([p for p in prompts for _ in range(k)], completions, pad, self.device)
         return completion_logits(model, batch), batch["completion_mask"]
 
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure) -> None:
+        finite = True
+
+        def closure():
+            # training_step and backward run here, inside optimizer.step as Lightning expects.
+            # A non-finite loss or gradient drops every gradient, so the optimizer skips every
+            # parameter: no update and no change to its moments (torch optimizers pass over
+            # parameters whose .grad is None).
+            nonlocal finite
+            loss = optimizer_closure()
+            finite = all_finite(loss, self.student.parameters())
+            if not finite:
+                optimizer.zero_grad(set_to_none=True)
+            return loss
+
+        optimizer.step(closure=closure)
+        self._count_nonfinite(finite)
         # here, not in on_train_batch_end: with gradient accumulation the teacher moves once
         # per optimizer step, as in the paper (ref_model_sync_steps=1), not once per micro-batch
-        if self.hparams.teacher_ema > 0:
+        if finite and self.hparams.teacher_ema > 0:
             ema_update(self.teacher, self.student, self.hparams.teacher_ema)
 
+    def _count_nonfinite(self, finite: bool) -> None:
+        """Log skipped steps; stop the run after ``max_nonfinite_steps`` of them in a row."""
+        self.nonfinite_streak = 0 if finite else self.nonfinite_streak + 1
+        self.nonfinite_total += not finite
+        self.log("train/skipped_nonfinite", float(self.nonfinite_total))
+        limit = self.hparams.max_nonfinite_steps
+        if limit is not None and self.nonfinite_streak >= limit:
+            raise NonFiniteError(
+                f"Stopped at optimizer step {self.global_step}: the loss or the gradients were "
+                f"NaN or infinite in {self.nonfinite_streak} steps in a row "
+                f"(method.max_nonfinite_steps={limit}); each of them was skipped without changing "
+                f"the weights ({self.nonfinite_total} skipped in all, logged as "
+                "train/skipped_nonfinite). Common causes are a learning rate that is too high "
+                "(method.optimizer.lr), fp16 overflow (use bf16 or 32-bit precision) or a broken "
+                "model or batch. Fix the cause and resume from the last good checkpoint "
+                "(ckpt_path=last), or raise method.max_nonfinite_steps."
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["nonfinite"] = {"streak": self.nonfinite_streak, "total": self.nonfinite_total}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("nonfinite", {})
+        self.nonfinite_streak, self.nonfinite_total = state.get("streak", 0), state.get("total", 0)
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.caopd is not None and hasattr(self.logger, "experiment") and hasattr(
-            self.logger.experiment, "add_histogram"
-        ):
-            self.logger.experiment.add_histogram("train/p_acc", self._p_acc_hist, self.global_step)
+        if self.caopd is not None:
+            log_histogram(self.loggers, "train/p_acc", self._p_acc_hist, self.global_step)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+@torch.no_grad()
+def all_finite(loss: torch.Tensor | None, params) -> bool:
+    """Whether the loss (if any) and every gradient of `params` are finite (one device sync)."""
+    checks = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+    if loss is not None:
+        checks.append(torch.isfinite(loss).all())
+    return bool(torch.stack(checks).all()) if checks else True
 
 
 @torch.no_grad()

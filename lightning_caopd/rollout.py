@@ -9,25 +9,37 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 def encode_chats(
-    tokenizer: PreTrainedTokenizerBase, chats: list[list[dict]], max_length: int | None = None
-) -> tuple[list[list[int]], int]:
+    tokenizer: PreTrainedTokenizerBase,
+    chats: list[list[dict]],
+    max_length: int | None = None,
+    overflow: str = "truncate",
+) -> tuple[list[list[int] | None], int]:
     """Render chats with the tokenizer's chat template (generation prompt on) and tokenize them.
 
     The rendered text already holds the template's special tokens, so none are added again.
 
+    Args:
+        tokenizer: the tokenizer with its chat template.
+        chats: one message list per prompt.
+        max_length: the longest prompt in tokens (None: no limit).
+        overflow: what happens to a longer prompt: ``truncate`` drops its left end, keeping
+            the question's end and the generation prompt; ``skip`` returns None in its place.
+
     Returns:
-        The token ids of each prompt and how many prompts were cut to `max_length` (their
-        left end is dropped, keeping the question's end and the generation prompt).
+        The token ids of each prompt (None for a skipped one) and how many prompts were longer
+        than `max_length` (truncated or skipped).
     """
+    if overflow not in ("truncate", "skip"):
+        raise ValueError(f"The prompt overflow mode must be 'truncate' or 'skip'; got {overflow!r}")
     texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    truncated = 0
+    over = 0
     if max_length is not None:
         for i, row in enumerate(ids):
             if len(row) > max_length:
-                ids[i] = row[-max_length:]
-                truncated += 1
-    return ids, truncated
+                ids[i] = row[-max_length:] if overflow == "truncate" else None
+                over += 1
+    return ids, over
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:

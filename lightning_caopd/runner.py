@@ -13,6 +13,9 @@ from hydra import compose
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_caopd.checkpointing import ResumeError, keep_previous_logs
+from lightning_caopd.tracking import finish_loggers
+
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
@@ -61,11 +64,54 @@ def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
     return out
 
 
+def resolve_ckpt_path(cfg: DictConfig, out_dir: Path) -> Path | None:
+    """The checkpoint `ckpt_path` names (``last``: the run directory's ``last.ckpt``), or None.
+
+    Raises:
+        ResumeError: the checkpoint does not exist, with what to pass instead.
+    """
+    value = cfg.get("ckpt_path")
+    if value is None:
+        return None
+    if str(value) == "last":
+        checkpoint_cb = (cfg.get("callbacks") or {}).get("checkpoint") or {}
+        path = Path(checkpoint_cb.get("dirpath") or out_dir / "checkpoints") / "last.ckpt"
+        if not path.is_file():
+            raise ResumeError(
+                f"ckpt_path=last: there is no checkpoint to resume from at {path}. `last` is the "
+                "run directory's checkpoints/last.ckpt, so a resumed run must use the directory "
+                "of the run it continues: pass hydra.run.dir=<that directory> (otherwise Hydra "
+                "makes a new, dated one) with the same overrides, and keep callbacks=default "
+                "(callbacks=none saves no checkpoints). To start afresh, leave ckpt_path unset."
+            )
+        return path
+    path = Path(value)
+    if not path.is_file():
+        raise ResumeError(
+            f"ckpt_path={value}: no such checkpoint file (looked for {path.resolve()}). Pass the "
+            "path of a .ckpt file, or ckpt_path=last with hydra.run.dir=<the run's directory>."
+        )
+    return path
+
+
+def initial_eval_from(ckpt_path: Path | None) -> dict | None:
+    """The evaluation before the first step, as the run that wrote `ckpt_path` measured it."""
+    if ckpt_path is None:
+        return None
+    # mmap: only the small entry is read, not the weights
+    checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
+    return checkpoint.get("initial_eval")
+
+
 def build_module(cfg: DictConfig):
     """Tokenizer, task, student, optional teacher and the LightningModule from the config."""
     tokenizer = instantiate(cfg.model.tokenizer)
     task = instantiate(cfg.data.task)
     student = instantiate(cfg.model.student)
+    if cfg.model.get("lora") is not None:  # only the adapter trains; the teacher is the base
+        from lightning_caopd.models import apply_lora
+
+        student = apply_lora(student, **OmegaConf.to_container(cfg.model.lora, resolve=True))
     extra = {}
     if cfg.model.get("teacher") is not None:
         from lightning_caopd.models import check_same_tokenizer
@@ -84,6 +130,7 @@ def run(cfg: DictConfig) -> dict:
     ensure_model_built(cfg)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = resolve_ckpt_path(cfg, out_dir)  # before anything slow: a wrong path fails at once
 
     module, tokenizer, task = build_module(cfg)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
@@ -92,17 +139,26 @@ def run(cfg: DictConfig) -> dict:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if ckpt_path is not None and trainer.is_global_zero:
+        keep_previous_logs(out_dir)  # the CSV logger would delete the interrupted run's metrics.csv
     for lg in loggers:
         lg.log_hyperparams(resolved_config(cfg))
 
-    # The model before its first training step, so base / OPD / CaOPD can be tabled.
+    # The model before its first training step, so base / OPD / CaOPD can be tabled. A resumed
+    # run takes it from the checkpoint: its model is no longer the one before the first step.
     module.eval_output_dir = out_dir if trainer.is_global_zero else None
-    trainer.validate(module, datamodule=datamodule, verbose=False)
-    initial = module.last_eval
-    if trainer.is_global_zero:
-        os.replace(out_dir / "reliability.png", out_dir / "reliability_initial.png")
+    initial = initial_eval_from(ckpt_path)
+    if initial is None:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        initial = module.last_eval
+        if trainer.is_global_zero:
+            os.replace(out_dir / "reliability.png", out_dir / "reliability_initial.png")
+    module.initial_eval = initial
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    # weights_only=False: a run's own checkpoint holds pickled hyper-parameters (Hydra partials)
+    # and RNG states (NumPy arrays, Python tuples), which the weights-only loader refuses
+    weights_only = False if ckpt_path else None
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
     if module.last_eval_step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     result = dict(module.last_eval)
@@ -116,4 +172,5 @@ def run(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         write_json_atomic(result, out_dir / METRICS_FILE)
         print(f"Wrote {out_dir / METRICS_FILE}")
+    finish_loggers(loggers)  # the next run of a multirun gets its own W&B run
     return result

@@ -1,0 +1,202 @@
+"""Exact resume: atomic checkpoint files, RNG states and a data loader that knows its position.
+
+Lightning's checkpoints already hold the module's state dict (student and teacher), the
+optimizer, the scheduler and the loops' progress. What they lack for an exact resume is added
+here:
+
+* `rng_states` / `set_rng_states`: Python ``random``, NumPy, torch CPU and CUDA generators (the
+  rollouts are sampled from torch's global generator), saved by the module's
+  ``on_save_checkpoint``.
+* `ResumableDataLoader`: Lightning saves and restores a loader's ``state_dict`` (it is
+  "stateful"); ours records the shuffle generator at the start of the epoch and the batches
+  trained on since, and skips those batches when iterated again after a restore.
+* `AtomicCheckpointIO` and `AtomicModelCheckpoint`: every checkpoint file is written next to its
+  destination and renamed over it, so a kill during a save leaves the previous file intact.
+  (Lightning's own save goes through an fsspec transaction whose temporary file lives in the
+  system temp directory; when that is another filesystem, the final move is a copy that
+  truncates the destination first.)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch.utils.data import DataLoader
+
+RNG_KEY = "rng_states"
+
+
+class ResumeError(FileNotFoundError):
+    """The checkpoint to resume from does not exist; the message says what to pass."""
+
+
+def rng_states() -> dict[str, Any]:
+    """The states of every random generator a training step draws from."""
+    states = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what `rng_states` returned."""
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class ResumableDataLoader(DataLoader):
+    """A `DataLoader` whose position Lightning saves in checkpoints and restores on resume.
+
+    Lightning treats a training loader with ``state_dict``/``load_state_dict`` as resumable: it
+    stores the state under the fit loop in every checkpoint and hands it back before the loader
+    is iterated again. The state is the shuffle generator as it was when the current epoch's
+    iterator was created, and the number of batches trained on in this epoch; iterating after
+    `load_state_dict` replays that epoch's order and skips those batches.
+
+    Args:
+        *args: `DataLoader` arguments. Pass ``generator`` (a seeded ``torch.Generator``) with
+            ``shuffle=True``; otherwise the order is drawn from torch's global generator and
+            cannot be replayed.
+        trained_batches: returns the batches trained on so far in the current epoch (the
+            trainer's count; the loader itself runs ahead of training by its prefetch).
+        **kwargs: `DataLoader` keyword arguments.
+    """
+
+    def __init__(self, *args, trained_batches: Callable[[], int] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.trained_batches = trained_batches
+        self._epoch_start: torch.Tensor | None = None  # generator state when the epoch began
+        self._restored: dict | None = None
+
+    def __iter__(self):
+        skip = 0
+        if self._restored is not None:
+            if self.generator is not None:
+                self.generator.set_state(self._restored["generator"])
+            skip = self._restored["batches"]
+            self._restored = None
+        if self.generator is not None:
+            self._epoch_start = self.generator.get_state()
+        iterator = super().__iter__()
+        for _ in range(skip):  # items are already in memory: skipping costs a collate each
+            next(iterator)
+        return iterator
+
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch's start (generator state) and the batches trained on since."""
+        done = self.trained_batches() if self.trained_batches is not None else 0
+        if self.generator is None:
+            return {"generator": None, "batches": done}
+        if done >= len(self):  # the epoch is over: the next one starts from the current state
+            return {"generator": self.generator.get_state(), "batches": 0}
+        start = self._epoch_start if self._epoch_start is not None else self.generator.get_state()
+        return {"generator": start, "batches": done}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Replay the saved epoch's order from the saved batch on the next iteration."""
+        if state_dict.get("generator") is None and self.generator is not None:
+            raise ValueError(
+                "This checkpoint's training data loader had no seeded shuffle generator, so its "
+                "order cannot be replayed; resume with the code version that wrote it."
+            )
+        self._restored = dict(state_dict)
+
+
+def keep_previous_logs(out_dir: str | os.PathLike) -> list[Path]:
+    """Rename every ``metrics.csv`` under `out_dir` to ``metrics.before-resume-<n>.csv``.
+
+    Lightning's CSV logger deletes an existing ``metrics.csv`` when a run starts; a resumed run
+    calls this first so that the interrupted run's logs are kept.
+    """
+    kept = []
+    for path in sorted(Path(out_dir).rglob("metrics.csv")):
+        n = 1
+        while (target := path.with_name(f"metrics.before-resume-{n}.csv")).exists():
+            n += 1
+        os.replace(path, target)
+        kept.append(target)
+    return kept
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_atomic(obj: Any, path: _PATH) -> None:
+    """``torch.save`` to a temporary file beside `path`, flush it to disk, rename it over `path`.
+
+    A failure or a kill mid-write leaves `path` as it was (the temporary file is removed on
+    failure; after a kill, a stale ``.<name>.tmp-<pid>`` may remain next to it).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """`TorchCheckpointIO` that writes each local checkpoint by write-then-rename."""
+
+    def save_checkpoint(  # noqa: D102 - see the class
+        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(
+                f"{type(self).__name__} does not take storage_options; got {storage_options!r}."
+            )
+        if "://" in str(path) and not str(path).startswith("file://"):
+            super().save_checkpoint(checkpoint, path)  # object stores: fsspec's transaction
+            return
+        save_atomic(checkpoint, str(path).removeprefix("file://"))
+
+
+class AtomicModelCheckpoint(ModelCheckpoint):
+    """`ModelCheckpoint` whose files are written atomically (see `AtomicCheckpointIO`).
+
+    It installs `AtomicCheckpointIO` as the strategy's checkpoint I/O when the strategy uses
+    Lightning's default one, so every save of the run, not only this callback's, is atomic.
+    With ``save_last``, the state after the final step is always saved, also when the step count
+    is no multiple of ``every_n_train_steps``.
+    """
+
+    def setup(self, trainer, pl_module, stage: str) -> None:  # noqa: D102 - see the class
+        super().setup(trainer, pl_module, stage)
+        strategy = trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def on_train_end(self, trainer, pl_module) -> None:  # noqa: D102 - see the class
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
