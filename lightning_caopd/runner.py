@@ -148,7 +148,7 @@ def run(cfg: DictConfig) -> dict:
     # run takes it from the checkpoint: its model is no longer the one before the first step.
     module.eval_output_dir = out_dir if trainer.is_global_zero else None
     initial = initial_eval_from(ckpt_path)
-    if initial is None:
+    if initial is None and cfg.get("eval_before_training", True):
         trainer.validate(module, datamodule=datamodule, verbose=False)
         initial = module.last_eval
         if trainer.is_global_zero:

@@ -44,3 +44,7 @@ def test_missing_base_is_built_on_first_use_and_cached(tmp_path):
         run(cfg)
     assert (base / "config.json").exists() and (base / "tokenizer.json").exists()
     assert json.loads((tmp_path / "metrics.json").read_text())["run"]["steps"] == 2
+    # the warm-up skips the evaluation of its random initial model (eval_before_training=false)
+    warmup = json.loads((base.parent / "world0.run" / "metrics.json").read_text())
+    assert warmup["initial"] is None and warmup["run"]["steps"] == 2
+    assert not (base.parent / "world0.run" / "reliability_initial.png").exists()
