@@ -21,7 +21,7 @@ from lightning_caopd.calibration import CaOPD
 from lightning_caopd.models import build_char_tokenizer, save_model
 from lightning_caopd.module import StudentSystem
 from lightning_caopd.rollout import encode_chats
-from lightning_caopd.tasks.toy import ToyTask, prev_in_warmup, make_items
+from lightning_caopd.tasks.toy import ToyTask, iter_items, prev_in_warmup
 from lightning_caopd.templates import TeacherTemplate, with_confidence
 
 # The base's stated confidence on its own answers: noisy, family-level, overconfident on `code`.
@@ -51,7 +51,7 @@ def warmup_examples(
     """
     rng = random.Random(seed)
     examples: list[tuple[list[dict], str]] = []
-    for item in make_items(4 * n, seed, "warmup", world_seed):
+    for item in iter_items(seed, "warmup", world_seed):
         if len(examples) == n:
             break
         student = task.student_messages(item)

@@ -16,9 +16,11 @@ Completions read ``Answer: X`` then ``Confidence: 0.62``.
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 import zlib
+from collections.abc import Iterator
 
 from lightning_caopd.tasks.base import Task
 
@@ -65,10 +67,16 @@ def make_item(rng: random.Random, family: str, index: int, split: str, world_see
     }
 
 
-def make_items(n: int, seed: int, split: str, world_seed: int = 0, families=FAMILIES) -> list[dict]:
-    """`n` items cycling through `families`, reproducible from (`seed`, `split`)."""
+def iter_items(seed: int, split: str, world_seed: int = 0, families=FAMILIES) -> Iterator[dict]:
+    """Items cycling through `families` without end, reproducible from (`seed`, `split`)."""
     rng = random.Random(_hash("items", seed, split))
-    return [make_item(rng, families[i % len(families)], i, split, world_seed) for i in range(n)]
+    for i in itertools.count():
+        yield make_item(rng, families[i % len(families)], i, split, world_seed)
+
+
+def make_items(n: int, seed: int, split: str, world_seed: int = 0, families=FAMILIES) -> list[dict]:
+    """The first `n` items of `iter_items`."""
+    return list(itertools.islice(iter_items(seed, split, world_seed, families), n))
 
 
 def parse_answer(completion: str) -> str | None:
