@@ -52,7 +52,7 @@ def confidence_vs_accuracy(groups: dict[str, list[dict]], path: Path) -> Path:
     ax.plot([0, 1], [0, 1], "--", color="0.5", lw=1.2, label="calibrated (conf. = acc.)", zorder=1)
     ax.fill_between([0, 1], [0, 1], [1, 1], color="#d9534f", alpha=0.06, zorder=0)
     ax.text(0.04, 0.93, "overconfident", color="#b52b27", fontsize=9)
-    ax.text(0.70, 0.05, "underconfident", color="0.35", fontsize=9)
+    ax.text(0.70, 0.01, "underconfident", color="0.35", fontsize=9)
     palette, area = colors(list(groups)), sizes(list(groups))
     categories = sorted(
         {c for runs in groups.values() for r in runs for c in r.get("by_category", {})}
@@ -100,15 +100,15 @@ def confidence_vs_accuracy(groups: dict[str, list[dict]], path: Path) -> Path:
             label=f"category: {cat}",
         )
     ax.set(
-        xlim=(0, 1),
-        ylim=(0, 1.02),
+        xlim=(-0.03, 1.03),  # markers at 0 and 1 stay whole
+        ylim=(-0.03, 1.03),
         xlabel="Accuracy",
         ylabel="Mean stated confidence",
         title="Confidence vs accuracy (one point per run)",
     )
     ax.set_aspect("equal")
     ax.grid(True, color="0.9", lw=0.6)
-    ax.legend(loc="lower right", fontsize=7.5, frameon=True, bbox_to_anchor=(1.0, 0.08))
+    ax.legend(loc="lower right", fontsize=7.5, frameon=True, bbox_to_anchor=(1.0, 0.1))
     return _save(fig, path)
 
 
