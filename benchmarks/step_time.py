@@ -5,7 +5,7 @@ one student forward + backward over the completions, one teacher forward with th
 context (SDFT, this project) and an optimizer step, fp32, on a tiny Llama (hidden 128, 4 layers,
 4 heads, intermediate 256) with the project's character tokenizer. Contestants:
 
-- ``bare``: the naive step timed alone: one batched ``generate``, one student forward+backward
+- ``bare``: the naive step timed alone: one batched ``generate`` (transformers' own), one student forward+backward
   and one teacher forward over the full prompt+completion rows, full-vocabulary forward KL,
   an AdamW step;
 - ``caopd``: this project's ``DistillationModule.training_step`` + backward + AdamW step;
@@ -107,7 +107,7 @@ def bare_contestant(args, model_dir, items):
     k = args.k
 
     def step():
-        roll = sample(student, tok, prompts, k, args.new_tokens, 1.0, 1.0)
+        roll = sample(student, tok, prompts, k, args.new_tokens, 1.0, 1.0, use_generate=True)
         rep = lambda rows: [r for r in rows for _ in range(k)]  # noqa: E731
         sb = build_batch(rep(prompts), roll.completions, tok.pad_token_id)
         with torch.no_grad():

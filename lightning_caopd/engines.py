@@ -1,7 +1,8 @@
 """Rollout engines: what samples the K completions per prompt, behind one config switch.
 
 ``method.engine`` selects the engine (``_target_``); ``hf`` (`HFEngine`, the default) runs the
-student's own batched, KV-cached ``generate``. An engine with its own copy of the weights (a
+student itself (`lightning_caopd.rollout.sample`: a batched, KV-cached
+decoding loop). An engine with its own copy of the weights (a
 vLLM server or a colocated ``vllm.LLM``) plugs in behind the same switch by implementing
 `RolloutEngine.sample` and `RolloutEngine.sync_weights`; `DistillationModule` calls
 ``sync_weights(student)`` before the first rollouts of every optimizer step, so rollouts are
@@ -65,15 +66,20 @@ class RolloutEngine(ABC):
 
 
 class HFEngine(RolloutEngine):
-    """Rollouts from the student itself with transformers' batched, KV-cached ``generate``.
+    """Rollouts from the student itself: `lightning_caopd.rollout.sample`.
 
     The engine samples from the live training module, so syncing is taking a reference: the
-    weights the optimizer just wrote are the ones the next ``generate`` reads, with no copy and
+    weights the optimizer just wrote are the ones the next rollouts read, with no copy and
     no extra memory. See the module docstring for engines that hold their own weights.
+
+    Args:
+        use_generate: decode with transformers' ``generate`` instead of the project's leaner
+            loop (`lightning_caopd.rollout.decode`, the same tokens, faster on small models).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, use_generate: bool = False) -> None:
         self.model: PreTrainedModel | None = None
+        self.use_generate = use_generate
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Sample from `model` (a reference, not a copy)."""
@@ -93,4 +99,7 @@ class HFEngine(RolloutEngine):
                 "HFEngine.sample was called before attach(tokenizer) and sync_weights(model); "
                 "DistillationModule does both: build engines through it (method.engine)."
             )
-        return sample(self.model, self.tokenizer, prompts, k, max_new_tokens, temperature, top_p)
+        return sample(
+            self.model, self.tokenizer, prompts, k, max_new_tokens, temperature, top_p,
+            use_generate=self.use_generate,
+        )

@@ -160,7 +160,7 @@ class DistillationModule(StudentSystem):
         max_nonfinite_steps: stop the run after this many optimizer steps in a row with a
             non-finite loss or gradient (each is skipped: no update); None never stops.
         engine: what samples the rollouts (`lightning_caopd.engines`); None is `HFEngine`,
-            the student's own ``generate``.
+            the student's own batched decoding.
     """
 
     def __init__(
@@ -237,7 +237,7 @@ class DistillationModule(StudentSystem):
         k = hp.num_rollouts
         start = time.perf_counter()
 
-        # 1. Rollouts: K samples per prompt from the student, one batched generate call.
+        # 1. Rollouts: K samples per prompt from the student, one batched KV-cached decode.
         prompts, n_cut = encode_chats(
             self.tokenizer, [self.task.student_messages(it) for it in batch], hp.max_prompt_length,
             hp.prompt_overflow,

@@ -5,7 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 
 def encode_chats(
@@ -95,6 +100,70 @@ class Rollouts:
 
 
 @torch.no_grad()
+def decode(
+    model: PreTrainedModel,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    do_sample: bool = True,
+) -> torch.Tensor:
+    """Sample up to `max_new_tokens` after left-padded rows: a plain KV-cached loop.
+
+    Draws the same tokens as ``model.generate`` (same processors, one ``multinomial`` per step,
+    finished rows padded, stop when every row is done), without generate's per-token
+    bookkeeping, which dominates small models' decoding on CPU.
+
+    Args:
+        model: the policy (in eval mode).
+        ids: (N, P) left-padded prompt ids.
+        mask: (N, P) their attention mask.
+        max_new_tokens: length limit.
+        eos_id: the stop token.
+        pad_id: written after a row's stop token.
+        temperature: sampling temperature.
+        top_p: nucleus threshold.
+        do_sample: sample (True) or take the argmax.
+
+    Returns:
+        (N, T) new token ids, T <= max_new_tokens.
+    """
+    warpers = [TemperatureLogitsWarper(temperature)] if do_sample and temperature != 1.0 else []
+    if do_sample and top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    position = (mask.long().cumsum(1) - 1).masked_fill(mask == 0, 1)
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=position, logits_to_keep=1, use_cache=True
+    )
+    next_pos = position[:, -1:] + 1
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    tokens = []
+    for step in range(max_new_tokens):
+        scores = out.logits[:, -1, :].float()  # (N, V)
+        for warp in warpers:
+            scores = warp(ids, scores)
+        if do_sample:
+            token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            token = scores.argmax(dim=-1)
+        token = token.masked_fill(done, pad_id)
+        tokens.append(token)
+        done |= token == eos_id
+        if done.all() or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        out = model(
+            input_ids=token[:, None], attention_mask=mask, position_ids=next_pos,
+            cache=out.cache, use_cache=True,
+        )
+        next_pos = next_pos + 1
+    return torch.stack(tokens, dim=1) if tokens else ids.new_zeros(ids.shape[0], 0)
+
+
+@torch.no_grad()
 def sample(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -104,8 +173,9 @@ def sample(
     temperature: float = 1.0,
     top_p: float = 1.0,
     do_sample: bool = True,
+    use_generate: bool = False,
 ) -> Rollouts:
-    """One batched, KV-cached `generate` call: `num_samples` completions per prompt.
+    """`num_samples` completions per prompt, all rows in one batched, KV-cached decode.
 
     Args:
         model: the policy.
@@ -116,27 +186,33 @@ def sample(
         temperature: sampling temperature.
         top_p: nucleus sampling threshold.
         do_sample: sample (True) or decode greedily (False).
+        use_generate: decode with ``model.generate`` instead of `decode` (the same tokens;
+            for models whose forward `decode` does not fit).
 
     Returns:
         `Rollouts` with B*K rows, prompt-major.
     """
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, tokenizer.pad_token_id, device)
+    ids, mask = ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0)
     was_training = model.training
     model.eval()
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=max_new_tokens,
-        num_return_sequences=num_samples,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        use_cache=True,
-        **(sampling if do_sample else {"do_sample": False}),
-    )
+    if use_generate:
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+        new = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            use_cache=True,
+            **(sampling if do_sample else {"do_sample": False}),
+        )[:, ids.shape[1] :]
+    else:
+        new = decode(model, ids, mask, max_new_tokens, tokenizer.eos_token_id,
+                     tokenizer.pad_token_id, temperature, top_p, do_sample)
     model.train(was_training)
-    new = out[:, ids.shape[1] :].cpu()  # (B*K, T)
+    new = new.cpu()  # (B*K, T)
     keep = completion_mask(new, [tokenizer.eos_token_id])
     completions, texts, truncated = [], [], []
     for row, m in zip(new.tolist(), keep.tolist(), strict=True):

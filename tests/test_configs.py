@@ -55,7 +55,9 @@ def _check_binds(cfg: DictConfig) -> int:
         try:
             sig.bind_partial(**kwargs)
         except TypeError as err:
-            raise AssertionError(f"{path}: {node._target_} does not take {sorted(kwargs)}: {err}")
+            raise AssertionError(
+                f"{path}: {node._target_} does not take {sorted(kwargs)}: {err}"
+            ) from err
     return len(targets)
 
 

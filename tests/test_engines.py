@@ -17,8 +17,8 @@ from tests.conftest import TINY, compose_cfg
 class CountingEngine(HFEngine):
     """The HF engine, recording the optimizer step of every weight sync."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)  # the config's HFEngine keys (use_generate) still apply
         self.synced_at: list[int] = []
         self.sample_calls = 0
 
