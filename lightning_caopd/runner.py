@@ -126,8 +126,10 @@ def run(cfg: DictConfig) -> dict:
     """Run the experiment `cfg` describes and return what it wrote to metrics.json."""
     if cfg.get("threads"):
         torch.set_num_threads(cfg.threads)
-    L.seed_everything(cfg.seed, workers=True)
     ensure_model_built(cfg)
+    # seeded after the build: a base built on first use (a run of its own, which draws from the
+    # generators) must not change this run's numbers
+    L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = resolve_ckpt_path(cfg, out_dir)  # before anything slow: a wrong path fails at once

@@ -1,5 +1,6 @@
 """Two-step Hydra-composed runs of each method on the tiny model."""
 
+import csv
 import json
 
 import pytest
@@ -32,12 +33,13 @@ def test_caopd_with_one_rollout_is_a_clear_error(toy_base, tmp_path):
 
 def test_missing_base_is_built_on_first_use_and_cached(tmp_path):
     from hydra import initialize_config_dir
+    from omegaconf import open_dict
 
     from tests.conftest import CONF_DIR
 
     small_build = ["+model.build.overrides.trainer.max_steps=2", "+model.build.overrides.data.dataset.n=64",
                    "+model.build.overrides.data.num_eval=6"]
-    cfg = compose_cfg(["experiment=caopd", *TINY, *small_build], tmp_path)
+    cfg = compose_cfg(["experiment=caopd", *TINY, *small_build, "trainer.log_every_n_steps=1"], tmp_path)
     base = tmp_path / "cache" / "toy_base" / "world0"
     assert not base.exists()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -48,3 +50,20 @@ def test_missing_base_is_built_on_first_use_and_cached(tmp_path):
     warmup = json.loads((base.parent / "world0.run" / "metrics.json").read_text())
     assert warmup["initial"] is None and warmup["run"]["steps"] == 2
     assert not (base.parent / "world0.run" / "reliability_initial.png").exists()
+    # the same run again, now on the cached base: the same numbers as the run that built it
+    again = tmp_path / "again"
+    cfg2 = compose_cfg(["experiment=caopd", *TINY, *small_build, "trainer.log_every_n_steps=1"], again)
+    with open_dict(cfg2):
+        cfg2.paths.cache_dir = str(tmp_path / "cache")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        run(cfg2)
+    first, second = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path, again))
+    for m in (first, second):
+        m.pop("run")
+    assert first == second
+    # the per-step losses too: they depend on the sampled rollouts, so on the generator state
+    losses = [
+        [r["train/loss"] for r in csv.DictReader((d / "csv" / "metrics.csv").open()) if r.get("train/loss")]
+        for d in (tmp_path, again)
+    ]
+    assert len(losses[0]) == 2 and losses[0] == losses[1]
