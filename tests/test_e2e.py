@@ -26,7 +26,8 @@ def test_two_step_run_writes_metrics_json(experiment, toy_base, tmp_path):
 
 
 def test_caopd_with_one_rollout_is_a_clear_error(toy_base, tmp_path):
-    cfg = compose_cfg(["experiment=caopd", f"model.path={toy_base}", *TINY, "method.num_rollouts=1"], tmp_path)
+    overrides = ["experiment=caopd", f"model.path={toy_base}", *TINY, "method.num_rollouts=1"]
+    cfg = compose_cfg(overrides, tmp_path)
     with pytest.raises(Exception, match="K >= 2"):
         run(cfg)
 
@@ -37,9 +38,13 @@ def test_missing_base_is_built_on_first_use_and_cached(tmp_path):
 
     from tests.conftest import CONF_DIR
 
-    small_build = ["+model.build.overrides.trainer.max_steps=2", "+model.build.overrides.data.dataset.n=64",
-                   "+model.build.overrides.data.num_eval=6"]
-    cfg = compose_cfg(["experiment=caopd", *TINY, *small_build, "trainer.log_every_n_steps=1"], tmp_path)
+    small_build = [
+        "+model.build.overrides.trainer.max_steps=2",
+        "+model.build.overrides.data.dataset.n=64",
+        "+model.build.overrides.data.num_eval=6",
+        "trainer.log_every_n_steps=1",
+    ]
+    cfg = compose_cfg(["experiment=caopd", *TINY, *small_build], tmp_path)
     base = tmp_path / "cache" / "toy_base" / "world0"
     assert not base.exists()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -52,7 +57,7 @@ def test_missing_base_is_built_on_first_use_and_cached(tmp_path):
     assert not (base.parent / "world0.run" / "reliability_initial.png").exists()
     # the same run again, now on the cached base: the same numbers as the run that built it
     again = tmp_path / "again"
-    cfg2 = compose_cfg(["experiment=caopd", *TINY, *small_build, "trainer.log_every_n_steps=1"], again)
+    cfg2 = compose_cfg(["experiment=caopd", *TINY, *small_build], again)
     with open_dict(cfg2):
         cfg2.paths.cache_dir = str(tmp_path / "cache")
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -62,8 +67,6 @@ def test_missing_base_is_built_on_first_use_and_cached(tmp_path):
         m.pop("run")
     assert first == second
     # the per-step losses too: they depend on the sampled rollouts, so on the generator state
-    losses = [
-        [r["train/loss"] for r in csv.DictReader((d / "csv" / "metrics.csv").open()) if r.get("train/loss")]
-        for d in (tmp_path, again)
-    ]
+    rows = [list(csv.DictReader((d / "csv" / "metrics.csv").open())) for d in (tmp_path, again)]
+    losses = [[r["train/loss"] for r in rs if r["train/loss"]] for rs in rows]
     assert len(losses[0]) == 2 and losses[0] == losses[1]
