@@ -26,7 +26,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from lightning_caopd.module import StudentSystem
-from lightning_caopd.runner import METRICS_FILE, ensure_model_built, write_json_atomic
+from lightning_caopd.runner import (
+    METRICS_FILE,
+    build_datamodule,
+    ensure_model_built,
+    write_json_atomic,
+)
 
 SPLITS = ("eval", "train", "all")
 _MODEL_KEYS = ("pretrained_model_name_or_path", "gguf", "path")  # how a model config names it
@@ -93,9 +98,7 @@ def evaluate(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-    data_cfg.pop("task", None)
-    datamodule = instantiate(data_cfg)
+    datamodule = build_datamodule(cfg)
     if cfg.split == "all":
         if not hasattr(datamodule, "load_items"):
             raise ValueError("split=all needs a file-backed data config (data=science, tooluse).")

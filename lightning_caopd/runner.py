@@ -122,6 +122,13 @@ def build_module(cfg: DictConfig):
     return module, tokenizer, task
 
 
+def build_datamodule(cfg: DictConfig):
+    """The DataModule of ``cfg.data`` (its ``task`` entry goes to the module, not here)."""
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    data_cfg.pop("task", None)
+    return instantiate(data_cfg)
+
+
 def run(cfg: DictConfig) -> dict:
     """Run the experiment `cfg` describes and return what it wrote to metrics.json."""
     if cfg.get("threads"):
@@ -135,9 +142,7 @@ def run(cfg: DictConfig) -> dict:
     ckpt_path = resolve_ckpt_path(cfg, out_dir)  # before anything slow: a wrong path fails at once
 
     module, tokenizer, task = build_module(cfg)
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-    data_cfg.pop("task", None)  # the task went to the module
-    datamodule = instantiate(data_cfg)
+    datamodule = build_datamodule(cfg)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

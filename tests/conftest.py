@@ -32,11 +32,11 @@ def _threads():
     torch.set_num_threads(1)
 
 
-def compose_cfg(overrides: list[str], output_dir: Path) -> DictConfig:
-    """Compose conf/train.yaml with `overrides`, outputs under `output_dir`."""
+def compose_cfg(overrides: list[str], output_dir: Path, config_name: str = "train") -> DictConfig:
+    """Compose conf/<config_name>.yaml with `overrides`, outputs under `output_dir`."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
         HydraConfig().set_config(cfg)
         with open_dict(cfg):
             cfg.paths.output_dir = str(output_dir)

@@ -5,11 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import open_dict
 
 from lightning_caopd import module as module_lib
 from lightning_caopd.evaluate import evaluate, load_student_weights
@@ -19,7 +15,7 @@ from lightning_caopd.models import load_tokenizer
 from lightning_caopd.rollout import encode_chats
 from lightning_caopd.runner import build_module, run
 from lightning_caopd.tasks import science, tooluse
-from tests.conftest import CONF_DIR, compose_cfg
+from tests.conftest import compose_cfg
 from tests.fixtures.tiny_models import save_tiny_hf_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -227,34 +223,30 @@ def test_two_step_run_on_fixture_rows(experiment, path, tiny_dir, tmp_path, monk
 # --- teacher -----------------------------------------------------------------------------
 
 
-def test_tokenizer_mismatch_between_student_and_teacher_is_a_clear_error(tiny_dir, tmp_path):
-    other = save_tiny_hf_model(tmp_path / "other", extra_tokens=("<tool>",))
-    cfg = compose_cfg(
+def _teacher_cfg(student_dir: Path, teacher_dir: Path, tmp_path: Path):
+    """opd_science with a separately configured teacher (model=hf_teacher)."""
+    return compose_cfg(
         [
             "experiment=opd_science",
             "model=hf_teacher",
-            f"model.pretrained_model_name_or_path={tiny_dir}",
-            f"model.teacher_name_or_path={other}",
+            f"model.pretrained_model_name_or_path={student_dir}",
+            f"model.teacher_name_or_path={teacher_dir}",
             f"data.path={SCIENCE}",
         ],
         tmp_path,
     )
+
+
+def test_tokenizer_mismatch_between_student_and_teacher_is_a_clear_error(tiny_dir, tmp_path):
+    other = save_tiny_hf_model(tmp_path / "other", extra_tokens=("<tool>",))
+    cfg = _teacher_cfg(tiny_dir, other, tmp_path)
     with pytest.raises(ValueError, match="tokenizers differ"):
         build_module(cfg)
 
 
 def test_separately_configured_teacher_with_the_same_tokenizer(tiny_dir, tmp_path):
     other = save_tiny_hf_model(tmp_path / "other", seed=1)
-    cfg = compose_cfg(
-        [
-            "experiment=opd_science",
-            "model=hf_teacher",
-            f"model.pretrained_model_name_or_path={tiny_dir}",
-            f"model.teacher_name_or_path={other}",
-            f"data.path={SCIENCE}",
-        ],
-        tmp_path,
-    )
+    cfg = _teacher_cfg(tiny_dir, other, tmp_path)
     module, _, _ = build_module(cfg)
     s, t = next(module.student.parameters()), next(module.teacher.parameters())
     assert not torch.equal(s, t) and not t.requires_grad
@@ -263,20 +255,9 @@ def test_separately_configured_teacher_with_the_same_tokenizer(tiny_dir, tmp_pat
 # --- evaluation entry point ----------------------------------------------------------------
 
 
-def _compose_eval(overrides: list[str], output_dir: Path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="evaluate", overrides=overrides, return_hydra_config=True)
-        HydraConfig().set_config(cfg)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(output_dir)
-            cfg.paths.cache_dir = str(output_dir / "cache")
-    return cfg
-
-
 @pytest.mark.parametrize("split, n", [("all", 6), ("eval", 2)])
 def test_evaluation_entry_point_writes_metrics_and_diagram(split, n, tiny_dir, tmp_path):
-    cfg = _compose_eval(
+    cfg = compose_cfg(
         [
             "model=hf",
             f"model.pretrained_model_name_or_path={tiny_dir}",
@@ -287,6 +268,7 @@ def test_evaluation_entry_point_writes_metrics_and_diagram(split, n, tiny_dir, t
             "method.eval.max_new_tokens=8",
         ],
         tmp_path,
+        config_name="evaluate",
     )
     result = evaluate(cfg)
     written = json.loads((tmp_path / "metrics.json").read_text())

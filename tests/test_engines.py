@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from lightning_caopd.engines import HFEngine, RolloutEngine
 from lightning_caopd.models import build_char_tokenizer, build_tiny_llama
 from lightning_caopd.rollout import sample
-from lightning_caopd.runner import build_module
+from lightning_caopd.runner import build_datamodule, build_module
 from tests.conftest import TINY, compose_cfg
 
 
@@ -78,8 +77,6 @@ def test_engine_is_chosen_by_config_and_synced_once_per_optimizer_step(toy_base,
     engine = module.engine
     assert type(engine) is CountingEngine and engine.tokenizer is module.tokenizer
     engine._module = module
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-    data_cfg.pop("task")
     trainer = instantiate(
         cfg.trainer,
         logger=False,
@@ -88,7 +85,7 @@ def test_engine_is_chosen_by_config_and_synced_once_per_optimizer_step(toy_base,
         enable_model_summary=False,
         limit_val_batches=0,
     )
-    trainer.fit(module, datamodule=instantiate(data_cfg))
+    trainer.fit(module, datamodule=build_datamodule(cfg))
     # 2 optimizer steps x 2 micro-batches: 4 rollout calls, weights synced at each step's start
     assert trainer.global_step == 2 and engine.sample_calls == 4
     assert engine.synced_at == [0, 1] and engine.model is module.student

@@ -5,10 +5,9 @@ from __future__ import annotations
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from lightning_caopd.models import AdapterDisabledTeacher, load_pretrained
-from lightning_caopd.runner import build_module
+from lightning_caopd.runner import build_datamodule, build_module
 from tests.conftest import TINY, compose_cfg
 
 LORA = "model.lora={r:4,alpha:8,target_modules:[q_proj,v_proj]}"
@@ -55,8 +54,6 @@ def test_lora_two_steps_trains_the_adapter_against_the_base_teacher(toy_base, tm
     assert trainable and all("lora_" in n for n in trainable)
 
     grads = RecordGrads()
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-    data_cfg.pop("task")
     trainer = instantiate(
         cfg.trainer,
         callbacks=[grads],
@@ -66,7 +63,7 @@ def test_lora_two_steps_trains_the_adapter_against_the_base_teacher(toy_base, tm
         enable_model_summary=False,
         limit_val_batches=0,
     )
-    trainer.fit(module, datamodule=instantiate(data_cfg))
+    trainer.fit(module, datamodule=build_datamodule(cfg))
     assert trainer.global_step == 2
     assert grads.with_grad and all("lora_" in n for n in grads.with_grad)
     assert {n for n in grads.with_grad if "lora_B" in n}  # the adapter's output side learns
