@@ -5,12 +5,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from lightning_caopd.checkpointing import ResumeError
-from lightning_caopd.io import DataError
-from lightning_caopd.module import NonFiniteError
+from lightning_caopd.errors import USER_ERRORS
 from lightning_caopd.runner import run
-
-USER_ERRORS = (DataError, NonFiniteError, ResumeError)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

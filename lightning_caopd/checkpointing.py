@@ -35,10 +35,6 @@ from torch.utils.data import DataLoader
 RNG_KEY = "rng_states"
 
 
-class ResumeError(FileNotFoundError):
-    """The checkpoint to resume from does not exist; the message says what to pass."""
-
-
 def rng_states() -> dict[str, Any]:
     """The states of every random generator a training step draws from."""
     states = {

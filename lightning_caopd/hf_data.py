@@ -18,7 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lightning_caopd.data import ItemDataModule
-from lightning_caopd.io import DataError, load_rows
+from lightning_caopd.errors import DataError
+from lightning_caopd.io import load_rows
 from lightning_caopd.tasks import science, tooluse
 
 

@@ -10,6 +10,7 @@ is given.
 
 from __future__ import annotations
 
+from lightning_caopd.errors import DataError
 import json
 import os
 import re
@@ -37,10 +38,6 @@ _LOCAL_HINT = (
     "Pass a local JSONL file (one JSON object per line) or a directory written by "
     "`datasets.Dataset.save_to_disk` instead."
 )
-
-
-class DataError(ValueError):
-    """A problem with input data that the user can fix; the message says how."""
 
 
 def _excerpt(text: str, limit: int = 60) -> str:

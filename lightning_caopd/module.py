@@ -19,6 +19,7 @@ from lightning_caopd.confidence import parse_confidence
 from lightning_caopd.divergence import divergence_loss, skip_first_tokens
 from lightning_caopd.evaluation import evaluate_items
 from lightning_caopd.metrics import CalibrationMetrics
+from lightning_caopd.errors import NonFiniteError
 from lightning_caopd.engines import HFEngine, RolloutEngine
 from lightning_caopd.models import AdapterDisabledTeacher, make_teacher
 from lightning_caopd.rollout import (
@@ -380,10 +381,6 @@ class DistillationModule(StudentSystem):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.caopd is not None:
             log_histogram(self.loggers, "train/p_acc", self._p_acc_hist, self.global_step)
-
-
-class NonFiniteError(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
 @torch.no_grad()

@@ -13,7 +13,8 @@ from hydra import compose
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_caopd.checkpointing import ResumeError, keep_previous_logs
+from lightning_caopd.checkpointing import keep_previous_logs
+from lightning_caopd.errors import ResumeError
 from lightning_caopd.tracking import finish_loggers
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from lightning_caopd import module as module_lib
 from lightning_caopd.evaluate import evaluate, load_student_weights
 from lightning_caopd.hf_data import ScienceDataModule, ToolUseDataModule, held_out_indices
-from lightning_caopd.io import DataError
+from lightning_caopd.errors import DataError
 from lightning_caopd.models import load_tokenizer
 from lightning_caopd.rollout import encode_chats
 from lightning_caopd.runner import build_module, run

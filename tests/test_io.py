@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from lightning_caopd.io import DataError, load_rows, read_jsonl
+from lightning_caopd.errors import DataError
+from lightning_caopd.io import load_rows, read_jsonl
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

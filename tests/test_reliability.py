@@ -32,7 +32,7 @@ from lightning_caopd.checkpointing import (
 from lightning_caopd.confidence import parse_confidence
 from lightning_caopd.divergence import divergence_loss
 from lightning_caopd.models import build_char_tokenizer
-from lightning_caopd.module import NonFiniteError
+from lightning_caopd.errors import NonFiniteError
 from lightning_caopd.rollout import encode_chats
 from lightning_caopd.runner import build_module, run
 from lightning_caopd.tasks import science

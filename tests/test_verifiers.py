@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from lightning_caopd.io import DataError, read_jsonl
+from lightning_caopd.errors import DataError
+from lightning_caopd.io import read_jsonl
 from lightning_caopd.tasks import science, tooluse
 
 FIXTURES = Path(__file__).parent / "fixtures"
