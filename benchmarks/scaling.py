@@ -29,7 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from lightning_caopd.data import ToyDataModule
+from lightning_caopd.data.toy import ToyDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = [
@@ -70,8 +70,8 @@ def step_times(k: int, max_new_tokens: int, prompts: int, warmup: int, repeats: 
             overrides=[
                 "experiment=opd",
                 *MODEL,
-                f"method.num_rollouts={k}",
-                f"method.max_new_tokens={max_new_tokens}",
+                f"method.rollout.num_rollouts={k}",
+                f"method.rollout.max_new_tokens={max_new_tokens}",
             ],
             return_hydra_config=True,
         )

@@ -9,7 +9,10 @@ success rate ``P_acc`` (correct rollouts / K for a prompt) and writes it in thre
 (b) the teacher's privileged solution: its ``Confidence: 1.00`` becomes ``P_acc``;
 (c) a note in the teacher's context stating the empirical confidence and asking to output it.
 
-Plain OPD uses none of this: the method config sets ``caopd: null``.
+Both methods are a `ConfidenceTargets` policy that the method config chooses
+(``method.targets``): plain OPD keeps the sampled completions and the template's context
+(`ConfidenceTargets`), CaOPD replaces them (`CaOPD`). The training step calls the policy and has
+no CaOPD branch of its own.
 """
 
 from __future__ import annotations
@@ -30,6 +33,14 @@ def empirical_accuracy(correct: torch.Tensor, k: int) -> torch.Tensor:
     return correct.float().view(-1, k).mean(dim=1)  # (B,)
 
 
+def p_acc_stats(p_acc: torch.Tensor) -> dict[str, float]:
+    """The share of prompt groups whose rollouts are all wrong (P_acc 0) or all right (1)."""
+    return {
+        "p_acc_zero_frac": (p_acc == 0).float().mean().item(),
+        "p_acc_one_frac": (p_acc == 1).float().mean().item(),
+    }
+
+
 def _kept_prefix_tokens(ids: list[int], keep_chars: int, tokenizer: PreTrainedTokenizerBase) -> int:
     """The largest n with len(decode(ids[:n])) <= keep_chars (binary search, decode is monotone)."""
     lo, hi = 0, len(ids)
@@ -42,9 +53,43 @@ def _kept_prefix_tokens(ids: list[int], keep_chars: int, tokenizer: PreTrainedTo
     return lo
 
 
+class ConfidenceTargets:
+    """OPD's confidence targets: the student's sampled completion and the teacher's context as
+    they are (what the teacher's privileged context says, the student learns to say)."""
+
+    needs_p_acc: bool = False  # whether the policy needs K >= 2 rollouts per prompt
+
+    def teacher_context(self, context: str, p_acc: float) -> str:
+        """The privileged context the teacher sees for a prompt group."""
+        return context
+
+    def teacher_note(self, p_acc: float) -> str:
+        """A note for the teacher's context (none)."""
+        return ""
+
+    def student_completion(
+        self, ids: list[int], p_acc: float, tokenizer: PreTrainedTokenizerBase
+    ) -> list[int]:
+        """The completion the student is trained on: the sampled ids."""
+        return list(ids)
+
+    def apply(
+        self, completions: list[list[int]], p_acc: torch.Tensor, tokenizer: PreTrainedTokenizerBase
+    ) -> list[list[int]]:
+        """Every rollout's training completion; `completions` are B*K, prompt-major."""
+        k = len(completions) // max(1, len(p_acc))
+        return [
+            self.student_completion(ids, p_acc[i // k].item(), tokenizer)
+            for i, ids in enumerate(completions)
+        ]
+
+    def check(self, num_rollouts: int) -> None:
+        """Refuse settings the policy cannot work with (at start-up)."""
+
+
 @dataclass
-class CaOPD:
-    """Confidence-target replacement switched on by ``method.caopd``.
+class CaOPD(ConfidenceTargets):
+    """Confidence-target replacement: the CaOPD policy (``method=caopd``).
 
     Args:
         confidence_format: the confidence line written into completions and contexts.
@@ -59,6 +104,16 @@ class CaOPD:
     replace_student: bool = True
     replace_context: bool = True
     add_note: bool = True
+    needs_p_acc = True
+
+    def check(self, num_rollouts: int) -> None:
+        """CaOPD measures P_acc over the K rollouts of a prompt: K must be 2 or more."""
+        if num_rollouts < 2:
+            raise ValueError(
+                f"CaOPD needs K >= 2 rollouts per prompt to measure P_acc; got "
+                f"method.rollout.num_rollouts={num_rollouts}. Set it to 2 or more (the paper "
+                "uses 8)."
+            )
 
     def confidence_line(self, p_acc: float) -> str:
         """The confidence line for an empirical accuracy."""
@@ -100,11 +155,3 @@ class CaOPD:
             gap += "\n"
         new_tail = tokenizer(gap + self.confidence_line(p_acc), add_special_tokens=False)["input_ids"]
         return body[:n] + list(new_tail) + [eos]
-
-    @staticmethod
-    def stats(p_acc: torch.Tensor) -> dict[str, float]:
-        """Logged summary: the share of groups with P_acc 0 or 1."""
-        return {
-            "p_acc_zero_frac": (p_acc == 0).float().mean().item(),
-            "p_acc_one_frac": (p_acc == 1).float().mean().item(),
-        }

@@ -6,20 +6,25 @@ here:
 
 * `rng_states` / `set_rng_states`: Python ``random``, NumPy, torch CPU and CUDA generators (the
   rollouts are sampled from torch's global generator), saved by the module's
-  ``on_save_checkpoint``.
+  ``on_save_checkpoint`` as tensors and plain Python values.
 * `ResumableDataLoader`: Lightning saves and restores a loader's ``state_dict`` (it is
   "stateful"); ours records the shuffle generator at the start of the epoch and the batches
   trained on since, and skips those batches when iterated again after a restore.
-* `AtomicCheckpointIO` and `AtomicModelCheckpoint`: every checkpoint file is written next to its
-  destination and renamed over it, so a kill during a save leaves the previous file intact.
-  (Lightning's own save goes through an fsspec transaction whose temporary file lives in the
-  system temp directory; when that is another filesystem, the final move is a copy that
-  truncates the destination first.)
+* `AtomicCheckpointIO`, a ``CheckpointIO`` plugin (``trainer.plugins``): every checkpoint file
+  is written next to its destination and renamed over it (`lightning_caopd.files`), so a kill
+  during a save leaves the previous file intact. (Lightning's own save goes through an fsspec
+  transaction whose temporary file lives in the system temp directory; when that is another
+  filesystem, the final move is a copy that truncates the destination first.) It loads with
+  ``weights_only=True``: a checkpoint is never unpickled, so one carrying a code payload is
+  refused, not run; the project's own checkpoints hold only tensors and plain values.
+* `ModelCheckpoint`: Lightning's, plus ``last.ckpt`` after the final step when the step count
+  is no multiple of ``every_n_train_steps``.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -28,18 +33,29 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
+
+from lightning_caopd.errors import ResumeError
+from lightning_caopd.files import atomic_write
 
 RNG_KEY = "rng_states"
 
 
 def rng_states() -> dict[str, Any]:
-    """The states of every random generator a training step draws from."""
+    """The states of every random generator a training step draws from (tensors and plain
+    values only, so that a checkpoint loads with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     states = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -49,8 +65,11 @@ def rng_states() -> dict[str, Any]:
 
 def set_rng_states(states: dict[str, Any]) -> None:
     """Restore what `rng_states` returned."""
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = states["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -130,40 +149,8 @@ def keep_previous_logs(out_dir: str | os.PathLike) -> list[Path]:
     return kept
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def save_atomic(obj: Any, path: _PATH) -> None:
-    """``torch.save`` to a temporary file beside `path`, flush it to disk, rename it over `path`.
-
-    A failure or a kill mid-write leaves `path` as it was (the temporary file is removed on
-    failure; after a kill, a stale ``.<name>.tmp-<pid>`` may remain next to it).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """`TorchCheckpointIO` that writes each local checkpoint by write-then-rename."""
+    """`TorchCheckpointIO` that writes by write-then-rename and never unpickles on load."""
 
     def save_checkpoint(  # noqa: D102 - see the class
         self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
@@ -175,24 +162,55 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path) and not str(path).startswith("file://"):
             super().save_checkpoint(checkpoint, path)  # object stores: fsspec's transaction
             return
-        save_atomic(checkpoint, str(path).removeprefix("file://"))
+        atomic_write(str(path).removeprefix("file://"), lambda f: torch.save(checkpoint, f))
+
+    def load_checkpoint(  # noqa: D102 - see the class
+        self, path: _PATH, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        return load_checkpoint_file(path, map_location=map_location or "cpu")
 
 
-class AtomicModelCheckpoint(ModelCheckpoint):
-    """`ModelCheckpoint` whose files are written atomically (see `AtomicCheckpointIO`).
+def load_checkpoint_file(path: _PATH, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (tensors and plain values; no code runs).
 
-    It installs `AtomicCheckpointIO` as the strategy's checkpoint I/O when the strategy uses
-    Lightning's default one, so every save of the run, not only this callback's, is atomic.
-    With ``save_last``, the state after the final step is always saved, also when the step count
-    is no multiple of ``every_n_train_steps``.
+    Raises:
+        ResumeError: the file is missing, not a checkpoint, damaged, or holds objects other
+            than tensors and plain values (a foreign or tampered checkpoint), with what to do.
     """
+    path = Path(str(path).removeprefix("file://"))
+    if not path.is_file():
+        raise ResumeError(f"{path}: no such checkpoint file.")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ResumeError(
+            f"{path} holds objects other than tensors and plain values, so it was not loaded "
+            "(loading it would run code from the file). Checkpoints this project writes hold "
+            "none; use one written by `python train.py`, or convert a foreign one to a plain "
+            f"state dict yourself if you trust it. Detail: {str(err).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise ResumeError(
+            f"{path} is not a readable checkpoint (damaged or truncated, or not a torch file): "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}. Resume from an "
+            "earlier checkpoint, or start afresh without ckpt_path."
+        ) from None
 
-    def setup(self, trainer, pl_module, stage: str) -> None:  # noqa: D102 - see the class
-        super().setup(trainer, pl_module, stage)
-        strategy = trainer.strategy
-        if type(strategy.checkpoint_io) is TorchCheckpointIO:
-            strategy.checkpoint_io = AtomicCheckpointIO()
+
+class ModelCheckpoint(_LightningModelCheckpoint):
+    """Lightning's `ModelCheckpoint`; with ``save_last`` the state after the final step is
+    always saved, also when the step count is no multiple of ``every_n_train_steps``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._saved_step = -1
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> Any:  # noqa: D102
+        self._saved_step = trainer.global_step
+        return super().on_save_checkpoint(trainer, pl_module, checkpoint)
 
     def on_train_end(self, trainer, pl_module) -> None:  # noqa: D102 - see the class
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        super().on_train_end(trainer, pl_module)
+        if self.save_last and self.dirpath and self._saved_step != trainer.global_step:
+            name = self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION
+            trainer.save_checkpoint(os.path.join(self.dirpath, name), self.save_weights_only)

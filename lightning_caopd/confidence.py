@@ -149,3 +149,34 @@ def strip_confidence(text: str) -> str:
     if any(ch.isalnum() for ch in text[line_start:marker]):
         return text[:marker]
     return text[:line_start]
+
+
+# --- token spans: which completion tokens state the answer and which the confidence ----------
+
+
+def char_offsets(ids: list[int], tokenizer) -> list[int]:
+    """offsets[i] = length of the decoded text of ids[:i], for i in 0..len(ids)."""
+    return [len(tokenizer.decode(ids[:i], skip_special_tokens=True)) for i in range(len(ids) + 1)]
+
+
+def span_tokens(offsets: list[int], start: int, end: int) -> list[int]:
+    """Indices of tokens whose character span overlaps [start, end)."""
+    return [i for i in range(len(offsets) - 1) if offsets[i] < end and offsets[i + 1] > start]
+
+
+def answer_confidence_tokens(ids: list[int], text: str, tokenizer) -> tuple[list[int], list[int]]:
+    """Indices of a completion's answer tokens and of its confidence value's tokens.
+
+    The answer is the text before the confidence statement (`strip_confidence`), the confidence
+    the number `parse_confidence` reads (`confidence_span`). Evaluation and training measure
+    token entropies on these spans.
+
+    Args:
+        ids: the completion's token ids.
+        text: their decoded text (special tokens skipped).
+        tokenizer: decodes prefixes of `ids` to map characters to tokens.
+    """
+    offsets = char_offsets(ids, tokenizer)
+    answer = span_tokens(offsets, 0, len(strip_confidence(text).rstrip()))
+    span = confidence_span(text)
+    return answer, span_tokens(offsets, *span) if span else []

@@ -9,13 +9,13 @@ Usage (a Hydra app over ``conf/evaluate.yaml``, which takes every group of ``tra
 
 The model is the one ``model`` builds (a Hub name or local folder with ``model=hf``);
 ``checkpoint`` replaces its weights with a training run's student. Generation follows
-``method.eval``. The run folder receives ``metrics.json`` (the keys of a training run's
+``eval``. The run folder receives ``metrics.json`` (the keys of a training run's
 evaluation), ``reliability.png`` and ``completions.jsonl`` (one scored completion a line).
 """
 
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 
 import hydra
@@ -25,54 +25,31 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from lightning_caopd.callbacks import MetricsWriter
+from lightning_caopd.checkpointing import load_checkpoint_file
+from lightning_caopd.errors import USER_ERRORS
 from lightning_caopd.module import StudentSystem
-from lightning_caopd.runner import (
-    METRICS_FILE,
-    build_datamodule,
-    ensure_model_built,
-    write_json_atomic,
-)
+from lightning_caopd.runner import build_datamodule, build_student, prepare_base
 
 SPLITS = ("eval", "train", "all")
 _MODEL_KEYS = ("pretrained_model_name_or_path", "gguf", "path")  # how a model config names it
 
 
-class Evaluator(StudentSystem):
-    """A student scored with the training loop's own evaluation (no teacher, no optimizer).
-
-    Args:
-        student: the model to score.
-        tokenizer: its tokenizer.
-        task: the domain (prompts, verifier, categories).
-        eval: generation options (``max_new_tokens``, ``do_sample``, ``temperature``,
-            ``max_prompt_length``).
-    """
-
-    def __init__(self, student, tokenizer, task, eval: dict | None = None) -> None:  # noqa: A002
-        super().__init__()
-        self.student = student
-        self.tokenizer = tokenizer
-        self.task = task
-        self.setup_eval(task, eval or {})
-
-
 def load_student_weights(student: torch.nn.Module, checkpoint: str | Path) -> None:
     """Load the student's weights from a training run's Lightning checkpoint.
+
+    The file is read with ``weights_only=True``: a checkpoint carrying code is refused, not run.
 
     Args:
         student: a model of the checkpoint's architecture (built from the same model config).
         checkpoint: a ``.ckpt`` file written by ``ModelCheckpoint``.
 
     Raises:
-        FileNotFoundError: the file does not exist.
+        ResumeError: the file does not exist, is damaged, or holds more than plain values.
         ValueError: the checkpoint holds no student weights.
     """
     path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint={checkpoint} does not exist.")
-    # weights_only=False: a Lightning checkpoint also pickles its hyper-parameters; it is the
-    # user's own training output.
-    state = torch.load(path, map_location="cpu", weights_only=False).get("state_dict", {})
+    state = load_checkpoint_file(path).get("state_dict", {})
     prefix = "student."
     weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not weights:
@@ -107,40 +84,37 @@ def evaluate(cfg: DictConfig) -> dict:
         datamodule.setup("validate")  # a bad path fails here, before the model loads
         items = datamodule.eval_items if cfg.split == "eval" else datamodule.train_items
 
-    ensure_model_built(cfg)  # the toy base, on first use
-    tokenizer = instantiate(cfg.model.tokenizer)
-    student = instantiate(cfg.model.student)
+    prepare_base(cfg)  # the toy base, on first use
+    tokenizer, student, task = build_student(cfg)
     if cfg.get("checkpoint"):
         load_student_weights(student, cfg.checkpoint)
-    eval_opts = OmegaConf.to_container(cfg.method.get("eval") or {}, resolve=True)
-    module = Evaluator(student, tokenizer, instantiate(cfg.data.task), eval_opts)
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[])
-    module.eval_output_dir = out_dir if trainer.is_global_zero else None
-    loader = DataLoader(items, batch_size=datamodule.eval_batch_size, collate_fn=list)
-    trainer.validate(module, dataloaders=loader, verbose=False)
-
-    result = dict(module.last_eval)
-    result["run"] = {
+    eval_opts = OmegaConf.to_container(cfg.get("eval") or {}, resolve=True)
+    module = StudentSystem(student, tokenizer, task, eval=eval_opts)
+    run_info = {
         "model": next((cfg.model[k] for k in _MODEL_KEYS if cfg.model.get(k)), None),
         "checkpoint": cfg.get("checkpoint"),
         "data": cfg.data.path if cfg.split == "train" else cfg.data.get("eval_path"),
         "split": cfg.split,
         "seed": cfg.seed,
     }
+    writer = MetricsWriter(out_dir, run=run_info, record_initial=False, completions=True)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[writer])
+    loader = DataLoader(items, batch_size=datamodule.eval_batch_size, collate_fn=list)
+    trainer.validate(module, dataloaders=loader, verbose=False)
+    result = writer.result
     if trainer.is_global_zero:
-        write_json_atomic(result, out_dir / METRICS_FILE)
-        with (out_dir / "completions.jsonl").open("w") as f:
-            for record in module.eval_records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
         summary = ", ".join(f"{k} {result.get(k)}" for k in ("n", "accuracy", "ece", "format_rate"))
-        print(f"Wrote {out_dir / METRICS_FILE} ({summary})")
+        print(f"Wrote {out_dir / 'metrics.json'} ({summary})")
     return result
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
-    evaluate(cfg)
+    try:
+        evaluate(cfg)
+    except USER_ERRORS as err:  # a problem the user can fix: its paragraph, not a traceback
+        sys.exit(f"Error: {err}")
 
 
 if __name__ == "__main__":

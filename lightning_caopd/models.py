@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 import torch
+from lightning_caopd.files import atomic_write_dir
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -215,13 +216,9 @@ def check_same_tokenizer(student_tok: PreTrainedTokenizerBase, teacher_tok: PreT
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> Path:
     """Save model and tokenizer with `save_pretrained`, via a temporary folder then a rename."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if path.exists():
-        import shutil
 
-        shutil.rmtree(path)
-    tmp.rename(path)
-    return path
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return atomic_write_dir(path, write)

@@ -1,101 +1,120 @@
-"""The OPD / CaOPD system: a trainable student and a frozen teacher in one LightningModule."""
+"""The OPD / CaOPD system: a trainable student and a frozen teacher in one LightningModule.
+
+`DistillationModule.training_step` is the paper's algorithm box, one call per line; what
+happens around the step (teacher EMA, the non-finite guard, rollout tables, entropies,
+reliability diagrams, ``metrics.json``) is in `lightning_caopd.callbacks`.
+"""
 
 from __future__ import annotations
 
 import math
-import tempfile
 import time
-from pathlib import Path
 from collections.abc import Callable
+from dataclasses import asdict
 
 import lightning as L
 import torch
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lightning_caopd.calibration import CaOPD, empirical_accuracy
+from lightning_caopd.calibration import ConfidenceTargets, empirical_accuracy, p_acc_stats
 from lightning_caopd.checkpointing import RNG_KEY, rng_states, set_rng_states
 from lightning_caopd.confidence import parse_confidence
 from lightning_caopd.divergence import divergence_loss, skip_first_tokens
-from lightning_caopd.evaluation import evaluate_items
-from lightning_caopd.metrics import CalibrationMetrics
-from lightning_caopd.errors import NonFiniteError
 from lightning_caopd.engines import HFEngine, RolloutEngine
-from lightning_caopd.models import AdapterDisabledTeacher, make_teacher
+from lightning_caopd.metrics import CalibrationMetrics
+from lightning_caopd.models import make_teacher
 from lightning_caopd.rollout import (
+    Rollouts,
     build_batch,
     completion_logits,
     encode_chats,
     shared_prefix_logits,
 )
+from lightning_caopd.scoring import evaluate_items
+from lightning_caopd.settings import LossSettings, RolloutSettings
 from lightning_caopd.tasks.base import Task
 from lightning_caopd.templates import TeacherTemplate
-from lightning_caopd.tracking import Tracker, log_histogram, reliability_bins
+
+EVAL_DEFAULTS = {"max_new_tokens": 32, "do_sample": False, "temperature": 1.0}
 
 
 class StudentSystem(L.LightningModule):
-    """What the OPD system and the warm-up share: the optimizer and held-out evaluation.
+    """What the OPD system, the warm-up and the evaluator share: the optimizer and evaluation.
 
-    Subclasses set ``student``, ``tokenizer``, ``task``, ``optimizer_factory`` and
-    ``scheduler_factory`` and call `setup_eval`.
+    The evaluation (greedy, no privileged context) runs in Lightning's validation loop; its
+    result, synced across ranks, is left in ``self.evaluation`` (a dict: the keys of
+    ``metrics.json``) and its scored completions in ``self.evaluation_records``, for the
+    callbacks that write and log them.
+
+    Args:
+        student: the model trained and scored.
+        tokenizer: its tokenizer.
+        task: the domain (prompts, verifier, categories).
+        optimizer: a partial optimizer over the student's parameters (None: no training).
+        scheduler: an optional partial LR scheduler over the optimizer (stepped per step).
+        eval: generation options of the evaluation (``max_new_tokens``, ``do_sample``,
+            ``temperature``, ``max_prompt_length``).
     """
 
-    def configure_optimizers(self):
+    def __init__(
+        self,
+        student: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        task: Task,
+        optimizer: Callable | None = None,
+        scheduler: Callable | None = None,
+        eval: dict | None = None,  # noqa: A002 - the config key users write
+    ) -> None:
+        super().__init__()
+        self.student, self.tokenizer, self.task = student, tokenizer, task
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.eval_cfg = {**EVAL_DEFAULTS, **(eval or {})}
+        self.val_metrics = CalibrationMetrics(categories=list(task.categories))
+        self.val_answer_entropy = MeanMetric()
+        self.val_confidence_entropy = MeanMetric()
+        self.evaluation: dict | None = None
+        self.evaluation_records: list[dict] = []
+
+    def configure_optimizers(self):  # noqa: D102
         optimizer = self.optimizer_factory(params=self.student.parameters())
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def setup_eval(self, task: Task, eval_cfg: dict) -> None:
-        self.eval_cfg = {"max_new_tokens": 32, "do_sample": False, "temperature": 1.0, **eval_cfg}
-        self.val_metrics = CalibrationMetrics(categories=list(task.categories))
-        self.val_answer_entropy = MeanMetric()
-        self.val_confidence_entropy = MeanMetric()
-        self.last_eval: dict | None = None
-        self.last_eval_step = -1
-        self.eval_output_dir: Path | None = None  # where each evaluation's reliability.png goes
-        self.eval_records: list[dict] = []
-        self.tracker = Tracker()  # reliability images; DistillationModule sets its options
-        self.initial_eval: dict | None = None  # the evaluation before the first step (metrics.json)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Lightning saves weights, optimizer, scheduler and loop progress; these complete an
-        # exact resume: the generators the next step draws from (rollouts sample from torch's)
-        # and the evaluation before the first step, which a resumed run cannot recompute
+    def on_save_checkpoint(self, checkpoint: dict) -> None:  # noqa: D102
+        # Lightning saves weights, optimizer, scheduler, loop progress and callback states; the
+        # generators the next step draws from (rollouts sample from torch's) complete the resume
         checkpoint[RNG_KEY] = rng_states()
-        checkpoint["initial_eval"] = self.initial_eval
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
+    def on_load_checkpoint(self, checkpoint: dict) -> None:  # noqa: D102
         if RNG_KEY in checkpoint:
             set_rng_states(checkpoint[RNG_KEY])
-        self.initial_eval = checkpoint.get("initial_eval")
 
-    def validation_step(self, batch: list[dict], batch_idx: int) -> None:
+    def on_validation_epoch_start(self) -> None:  # noqa: D102
+        self.evaluation_records = []
+
+    def validation_step(self, batch: list[dict], batch_idx: int) -> None:  # noqa: D102
         out = evaluate_items(
-            self.student,
-            self.tokenizer,
-            self.task,
-            batch,
+            self.student, self.tokenizer, self.task, batch,
             max_new_tokens=self.eval_cfg["max_new_tokens"],
             max_prompt_length=self.eval_cfg.get("max_prompt_length"),
             do_sample=self.eval_cfg["do_sample"],
             temperature=self.eval_cfg["temperature"],
         )
-        self.val_metrics.update(out.confidence.to(self.device), out.correct.to(self.device), out.category.to(self.device))
+        dev = self.device
+        self.val_metrics.update(out.confidence.to(dev), out.correct.to(dev), out.category.to(dev))
         # token-weighted means: value is the mean entropy of the batch, weight its token count
         for metric, (s, n) in (
             (self.val_answer_entropy, out.answer_entropy),
             (self.val_confidence_entropy, out.confidence_entropy),
         ):
             if n:
-                metric.update(torch.tensor(s / n, device=self.device), n)
-        self.eval_records.extend(out.records)
+                metric.update(torch.tensor(s / n, device=dev), n)
+        self.evaluation_records.extend(out.records)
 
-    def on_validation_epoch_start(self) -> None:
-        self.eval_records = []
-
-    def on_validation_epoch_end(self) -> None:
+    def on_validation_epoch_end(self) -> None:  # noqa: D102
         result = self.val_metrics.compute()
         for name, metric in (
             ("answer_entropy", self.val_answer_entropy),
@@ -104,30 +123,20 @@ class StudentSystem(L.LightningModule):
             value = metric.compute().item() if metric.update_count else float("nan")
             result[name] = None if math.isnan(value) else value
             metric.reset()
-        result["reliability"] = reliability_bins(self.val_metrics)  # every rank: gathered
-        self.tracker.evaluation(self, result)
-        self.last_eval = result
-        self.last_eval_step = self.global_step
-        if self.eval_output_dir is not None or getattr(self._trainer, "world_size", 1) > 1:
-            # drawing gathers the bins across ranks, so under DDP every rank draws (else rank 0
-            # waits for the others forever); only rank 0 has an eval_output_dir to keep it in
-            with tempfile.TemporaryDirectory() as scratch:
-                self.val_metrics.save_reliability_diagram(
-                    Path(self.eval_output_dir or scratch) / "reliability.png", title=f"step {self.global_step}"
-                )
-        self.log_dict(
-            {f"val/{k}": float(v) for k, v in result.items() if isinstance(v, int | float)},
-            sync_dist=False,  # already synced by the metrics
-        )
-        for cat, vals in result["by_category"].items():
-            self.log_dict(
-                {f"val/by_category/{cat}/{k}": float(v) for k, v in vals.items() if isinstance(v, int | float)}
-            )
+        result["reliability"] = self.val_metrics.reliability_bins()  # every rank: gathered
         self.val_metrics.reset()
+        self.evaluation = result
+        scalars = {f"val/{k}": float(v) for k, v in result.items() if isinstance(v, int | float)}
+        for cat, vals in result["by_category"].items():
+            scalars.update(
+                {f"val/by_category/{cat}/{k}": float(v) for k, v in vals.items()
+                 if isinstance(v, int | float)}
+            )
+        self.log_dict(scalars, sync_dist=False)  # already synced by the metrics
 
 
 class DistillationModule(StudentSystem):
-    """On-policy distillation with an optional CaOPD confidence target (arXiv 2604.16830).
+    """On-policy distillation with a choice of confidence targets (arXiv 2604.16830).
 
     Args:
         student: the trainable policy.
@@ -135,33 +144,18 @@ class DistillationModule(StudentSystem):
         task: the domain (prompts, verifier).
         optimizer: a partial optimizer (Hydra ``_partial_: true``) over the student's parameters.
         template: how the privileged context enters the teacher's prompt.
+        rollout: how the K rollouts per prompt are sampled (`RolloutSettings`).
+        loss: the divergence on the completions (`LossSettings`).
+        targets: the confidence-target policy: `ConfidenceTargets` (OPD, the default) or
+            `lightning_caopd.calibration.CaOPD`.
         teacher: a separately configured frozen teacher; None self-distils from a copy of the
-            student's initial weights.
-        caopd: the CaOPD target replacement; None is plain OPD.
-        num_rollouts: K, rollouts per prompt.
-        max_new_tokens: rollout length limit.
-        temperature: rollout sampling temperature.
-        top_p: rollout nucleus threshold.
-        divergence: ``forward_kl`` (KL(teacher || student), the default of the released
-            CaOPD/SDFT code), ``reverse_kl`` (KL(student || teacher)) or ``jsd``.
-        jsd_beta: JSD mixing weight (0 gives forward KL, 1 reverse KL).
-        skip_first_tokens: completion tokens excluded from the loss at the start of each rollout.
-        teacher_ema: EMA rate of the teacher toward the student after each step (0: frozen).
-        max_prompt_length: prompts longer than this lose their left end (counted).
-        loss_chunk_size: positions per chunk in the memory-bounded divergence (None: unchunked).
-        share_prompt_prefix: encode each prompt once for its K rollouts (exact; faster).
+            student's initial weights (or, with LoRA, the base weights with the adapter off).
         scheduler: optional partial LR scheduler over the optimizer.
-        eval: evaluation options (``max_new_tokens``, ``do_sample``, ``temperature``).
-        name: the method's name in logs and metrics.json.
-        tracking: `lightning_caopd.tracking.Tracker` options (``rollouts_every``,
-            ``rollout_rows``, ``entropy``).
-        prompt_overflow: a student prompt longer than ``max_prompt_length`` is cut at its left
-            end (``truncate``) or its item is left out of the step (``skip``); both are counted.
-            Teacher prompts are always truncated.
-        max_nonfinite_steps: stop the run after this many optimizer steps in a row with a
-            non-finite loss or gradient (each is skipped: no update); None never stops.
         engine: what samples the rollouts (`lightning_caopd.engines`); None is `HFEngine`,
-            the student's own batched decoding.
+            the student's own batched decoding. ``sync_weights`` is called before the first
+            rollouts of every optimizer step.
+        eval: evaluation options (see `StudentSystem`).
+        name: the method's name in logs and metrics.json.
     """
 
     def __init__(
@@ -171,229 +165,147 @@ class DistillationModule(StudentSystem):
         task: Task,
         optimizer: Callable,
         template: TeacherTemplate,
+        rollout: RolloutSettings | None = None,
+        loss: LossSettings | None = None,
+        targets: ConfidenceTargets | None = None,
         teacher: PreTrainedModel | None = None,
-        caopd: CaOPD | None = None,
-        num_rollouts: int = 8,
-        max_new_tokens: int = 32,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        divergence: str = "forward_kl",
-        jsd_beta: float = 0.5,
-        skip_first_tokens: int = 0,
-        teacher_ema: float = 0.0,
-        max_prompt_length: int | None = None,
-        loss_chunk_size: int | None = None,
-        share_prompt_prefix: bool = True,
         scheduler: Callable | None = None,
+        engine: RolloutEngine | None = None,
         eval: dict | None = None,  # noqa: A002 - the config key users write
         name: str = "opd",
-        tracking: dict | None = None,
-        prompt_overflow: str = "truncate",
-        max_nonfinite_steps: int | None = 3,
-        engine: RolloutEngine | None = None,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters(ignore=["student", "teacher", "tokenizer", "task", "template", "caopd", "engine"])
-        if caopd is not None and num_rollouts < 2:
-            raise ValueError(
-                f"CaOPD needs K >= 2 rollouts per prompt to measure P_acc; got "
-                f"method.num_rollouts={num_rollouts}. Set it to 2 or more (the paper uses 8)."
-            )
-        if not 0.0 <= teacher_ema <= 1.0:
-            raise ValueError(f"method.teacher_ema must be in [0, 1]; got {teacher_ema}.")
-        if prompt_overflow not in ("truncate", "skip"):
-            raise ValueError(
-                f"method.prompt_overflow must be 'truncate' or 'skip'; got {prompt_overflow!r}."
-            )
-        if max_nonfinite_steps is not None and max_nonfinite_steps < 1:
-            raise ValueError(
-                "method.max_nonfinite_steps must be 1 or more, or null to never stop; got "
-                f"{max_nonfinite_steps}."
-            )
-        self.nonfinite_streak = 0  # optimizer steps in a row skipped for a non-finite loss/gradient
-        self.nonfinite_total = 0
-        self.student = student
+        super().__init__(student, tokenizer, task, optimizer, scheduler, eval)
+        self.rollout = rollout or RolloutSettings()
+        self.loss = loss or LossSettings()
+        self.targets = targets or ConfidenceTargets()
+        self.targets.check(self.rollout.num_rollouts)
+        self.save_hyperparameters(
+            {"name": name, "rollout": asdict(self.rollout), "loss": asdict(self.loss),
+             "eval": self.eval_cfg}
+        )
         self.teacher = make_teacher(student, teacher)
-        if teacher_ema > 0 and isinstance(self.teacher, AdapterDisabledTeacher):
-            raise ValueError(
-                "method.teacher_ema > 0 moves the teacher toward the student, but with model.lora "
-                "the self-distillation teacher is the student's own base weights (adapter off), "
-                "which the EMA would overwrite. Set method.teacher_ema=0, or model.lora=null."
-            )
+        self.template = template
         self.engine = engine if engine is not None else HFEngine()
         self.engine.attach(tokenizer)
         self._engine_step = -1  # the optimizer step the engine's weights are from
-        self.tokenizer = tokenizer
-        self.task = task
-        self.template = template
-        self.caopd = caopd
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
-        self.setup_eval(task, eval or {})
-        self.tracker = Tracker(**(tracking or {}))
 
-    def training_step(self, batch: list[dict], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: list[dict], batch_idx: int) -> dict | None:
         """One OPD step, following the paper's algorithm box."""
-        hp = self.hparams
-        k = hp.num_rollouts
         start = time.perf_counter()
-
-        # 1. Rollouts: K samples per prompt from the student, one batched KV-cached decode.
-        prompts, n_cut = encode_chats(
-            self.tokenizer, [self.task.student_messages(it) for it in batch], hp.max_prompt_length,
-            hp.prompt_overflow,
+        batch, prompts, n_cut = self.student_prompts(batch)
+        if not batch:  # every prompt too long: no loss, no update (Lightning skips the step)
+            return None
+        roll = self.sample_rollouts(prompts)                                        # 1. rollouts
+        correct, p_acc = self.verify(batch, roll.texts)                             # 2. verify
+        completions = self.targets.apply(roll.completions, p_acc, self.tokenizer)  # 3. targets
+        teacher_prompts, fallbacks, n_cut_t = self.teacher_prompts(batch, roll, correct, p_acc)
+        loss, per_token, mask, student_logits = self.divergence(  # 4. teacher, 5. divergence
+            prompts, teacher_prompts, completions
         )
-        n_skipped = 0
-        if hp.prompt_overflow == "skip":
-            n_skipped, n_cut = n_cut, 0
+        self.log_step(                                                              # 6. log
+            batch, roll, correct, p_acc, loss, per_token, mask,
+            fallbacks / len(batch), n_cut + n_cut_t, time.perf_counter() - start,
+        )
+        return {  # the loss, and what the callbacks log from the step (detached)
+            "loss": loss, "items": batch, "texts": roll.texts, "correct": correct,
+            "p_acc": p_acc, "completions": completions, "logits": student_logits.detach(),
+        }
+
+    def student_prompts(self, batch: list[dict]) -> tuple[list[dict], list[list[int]], int]:
+        """The student's prompts, encoded; too long ones cut or skipped (counted, logged)."""
+        r = self.rollout
+        chats = [self.task.student_messages(it) for it in batch]
+        prompts, n_cut = encode_chats(self.tokenizer, chats, r.max_prompt_length, r.prompt_overflow)
+        if r.prompt_overflow == "skip":
             batch = [it for it, p in zip(batch, prompts, strict=True) if p is not None]
             prompts = [p for p in prompts if p is not None]
-            self.log("train/prompts_skipped", float(n_skipped), batch_size=max(1, len(batch)))
-            if not batch:  # every prompt too long: no loss, no update (Lightning skips the step)
-                return None
+            self.log("train/prompts_skipped", float(n_cut), batch_size=max(1, len(batch)))
+            n_cut = 0
+        return batch, prompts, n_cut
+
+    def sample_rollouts(self, prompts: list[list[int]]) -> Rollouts:
+        """K rollouts per prompt from the engine, its weights synced once per optimizer step."""
         if self._engine_step != self.global_step:  # the student moved: rollouts stay on-policy
             self.engine.sync_weights(self.student)
             self._engine_step = self.global_step
-        roll = self.engine.sample(prompts, k, hp.max_new_tokens, hp.temperature, hp.top_p)
+        r = self.rollout
+        return self.engine.sample(prompts, r.num_rollouts, r.max_new_tokens, r.temperature, r.top_p)
 
-        # 2. Verify each rollout; P_acc per prompt.
+    def verify(self, batch: list[dict], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B*K,) verdicts of the rollouts and (B,) P_acc, the share correct per prompt."""
+        k = self.rollout.num_rollouts
         items = [it for it in batch for _ in range(k)]
-        correct = torch.tensor([self.task.verify(t, it) for t, it in zip(roll.texts, items, strict=True)])
-        p_acc = empirical_accuracy(correct, k)  # (B,)
+        correct = torch.tensor([self.task.verify(t, it) for t, it in zip(texts, items, strict=True)])
+        return correct, empirical_accuracy(correct, k)
 
-        # 3. Targets and teacher inputs: privileged context, CaOPD replacements when switched on.
-        completions, teacher_chats, fallbacks = [], [], 0
+    def teacher_prompts(
+        self, batch: list[dict], roll: Rollouts, correct: torch.Tensor, p_acc: torch.Tensor
+    ) -> tuple[list[list[int]], int, int]:
+        """The teacher's prompts: the student's chat with the privileged context (from the
+        template, through the confidence-target policy). Also returns how many groups fell back
+        to the demonstration and how many prompts were cut."""
+        k = self.rollout.num_rollouts
+        chats, fallbacks = [], 0
         for b, item in enumerate(batch):
             group = slice(b * k, (b + 1) * k)
             context, fell_back = self.template.context(item, roll.texts[group], correct[group].tolist())
             fallbacks += fell_back
-            note = ""
             p = p_acc[b].item()
-            if self.caopd is not None:
-                context, note = self.caopd.teacher_context(context, p), self.caopd.teacher_note(p)
-            teacher_chats.append(self.template.messages(self.task.student_messages(item), context, note))
-            for ids in roll.completions[group]:
-                completions.append(
-                    self.caopd.student_completion(ids, p, self.tokenizer) if self.caopd else list(ids)
-                )
-        teacher_prompts, n_cut_t = encode_chats(self.tokenizer, teacher_chats, hp.max_prompt_length)
+            context, note = self.targets.teacher_context(context, p), self.targets.teacher_note(p)
+            chats.append(self.template.messages(self.task.student_messages(item), context, note))
+        prompts, n_cut = encode_chats(self.tokenizer, chats, self.rollout.max_prompt_length)
+        return prompts, fallbacks, n_cut
 
-        # 4. Divergence between teacher and student next-token distributions on completions.
+    def divergence(
+        self, prompts: list[list[int]], teacher_prompts: list[list[int]], completions: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The loss: the divergence between teacher and student next-token distributions on the
+        completions. Returns the loss, the (B*K, T) per-token divergence, the loss mask and the
+        student's (B*K, T, V) logits."""
         with torch.no_grad():
             teacher_logits, _ = self.completion_logits(self.teacher, teacher_prompts, completions)
         student_logits, completion_mask = self.completion_logits(self.student, prompts, completions)
-        mask = skip_first_tokens(completion_mask, hp.skip_first_tokens)
+        mask = skip_first_tokens(completion_mask, self.loss.skip_first_tokens)
         loss, per_token = divergence_loss(
-            student_logits, teacher_logits, mask, kind=hp.divergence, beta=hp.jsd_beta,
-            chunk_size=hp.loss_chunk_size,
+            student_logits, teacher_logits, mask, kind=self.loss.divergence,
+            beta=self.loss.jsd_beta, chunk_size=self.loss.chunk_size,
         )
         del teacher_logits  # free (B*K, T, V) before backward
-
-        # 5. Log.
-        elapsed = time.perf_counter() - start
-        n_tokens = int(completion_mask.sum())
-        stats = {
-            "train/loss": loss.detach(),
-            "train/divergence": (per_token.detach().sum() / mask.sum().clamp(min=1)),
-            "train/rollout_accuracy": correct.float().mean(),
-            "train/p_acc_mean": p_acc.mean(),
-            "train/format_rate": torch.tensor(
-                [parse_confidence(t) is not None for t in roll.texts], dtype=torch.float
-            ).mean(),
-            "train/truncated_frac": torch.tensor(roll.truncated, dtype=torch.float).mean(),
-            "train/no_correct_solution_frac": torch.tensor(fallbacks / len(batch)),
-            "train/prompts_truncated": torch.tensor(float(n_cut + n_cut_t)),
-            "train/rollouts_per_s": torch.tensor(len(items) / elapsed),
-            "train/tokens_per_s": torch.tensor(n_tokens / elapsed),
-        }
-        stats.update({f"train/{k_}": torch.tensor(v) for k_, v in CaOPD.stats(p_acc).items()})
-        stats.update(self.tracker.step_stats(student_logits.detach(), completions, self.tokenizer))
-        self.tracker.rollouts(self, batch, roll.texts, correct, p_acc)
-        self.log_dict(stats, batch_size=len(batch))
-        self.log("p_acc", p_acc.mean(), prog_bar=True, batch_size=len(batch), logger=False)
-        self.log("rollouts/s", len(items) / elapsed, prog_bar=True, batch_size=len(batch), logger=False)
-        self._p_acc_hist = p_acc.detach().cpu()
-        return loss
+        return loss, per_token, mask, student_logits
 
     def completion_logits(
         self, model: PreTrainedModel, prompts: list[list[int]], completions: list[list[int]]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B*K, T, V) on the completions of B prompts, and the completion mask.
 
-        With ``share_prompt_prefix`` each prompt is encoded once for its K completions.
+        With ``loss.share_prompt_prefix`` each prompt is encoded once for its K completions.
         """
         pad = self.tokenizer.pad_token_id
-        if self.hparams.share_prompt_prefix:
+        if self.loss.share_prompt_prefix:
             return shared_prefix_logits(model, prompts, completions, pad, self.device)
         k = len(completions) // len(prompts)
         batch = build_batch([p for p in prompts for _ in range(k)], completions, pad, self.device)
         return completion_logits(model, batch), batch["completion_mask"]
 
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure) -> None:
-        finite = True
-
-        def closure():
-            # training_step and backward run here, inside optimizer.step as Lightning expects.
-            # A non-finite loss or gradient drops every gradient, so the optimizer skips every
-            # parameter: no update and no change to its moments (torch optimizers pass over
-            # parameters whose .grad is None).
-            nonlocal finite
-            loss = optimizer_closure()
-            finite = all_finite(loss, self.student.parameters())
-            if not finite:
-                optimizer.zero_grad(set_to_none=True)
-            return loss
-
-        optimizer.step(closure=closure)
-        self._count_nonfinite(finite)
-        # here, not in on_train_batch_end: with gradient accumulation the teacher moves once
-        # per optimizer step, as in the paper (ref_model_sync_steps=1), not once per micro-batch
-        if finite and self.hparams.teacher_ema > 0:
-            ema_update(self.teacher, self.student, self.hparams.teacher_ema)
-
-    def _count_nonfinite(self, finite: bool) -> None:
-        """Log skipped steps; stop the run after ``max_nonfinite_steps`` of them in a row."""
-        self.nonfinite_streak = 0 if finite else self.nonfinite_streak + 1
-        self.nonfinite_total += not finite
-        self.log("train/skipped_nonfinite", float(self.nonfinite_total))
-        limit = self.hparams.max_nonfinite_steps
-        if limit is not None and self.nonfinite_streak >= limit:
-            raise NonFiniteError(
-                f"Stopped at optimizer step {self.global_step}: the loss or the gradients were "
-                f"NaN or infinite in {self.nonfinite_streak} steps in a row "
-                f"(method.max_nonfinite_steps={limit}); each of them was skipped without changing "
-                f"the weights ({self.nonfinite_total} skipped in all, logged as "
-                "train/skipped_nonfinite). Common causes are a learning rate that is too high "
-                "(method.optimizer.lr), fp16 overflow (use bf16 or 32-bit precision) or a broken "
-                "model or batch. Fix the cause and resume from the last good checkpoint "
-                "(ckpt_path=last), or raise method.max_nonfinite_steps."
-            )
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["nonfinite"] = {"streak": self.nonfinite_streak, "total": self.nonfinite_total}
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        state = checkpoint.get("nonfinite", {})
-        self.nonfinite_streak, self.nonfinite_total = state.get("streak", 0), state.get("total", 0)
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.caopd is not None:
-            log_histogram(self.loggers, "train/p_acc", self._p_acc_hist, self.global_step)
-
-
-@torch.no_grad()
-def all_finite(loss: torch.Tensor | None, params) -> bool:
-    """Whether the loss (if any) and every gradient of `params` are finite (one device sync)."""
-    checks = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
-    if loss is not None:
-        checks.append(torch.isfinite(loss).all())
-    return bool(torch.stack(checks).all()) if checks else True
-
-
-@torch.no_grad()
-def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, rate: float) -> None:
-    """teacher <- (1 - rate) * teacher + rate * student, parameter by parameter."""
-    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
-        t.lerp_(s.detach(), rate)
+    def log_step(
+        self, batch, roll, correct, p_acc, loss, per_token, mask, fallback_frac, n_cut, elapsed
+    ) -> None:
+        """The step's scalars: loss, divergence, rollout accuracy, P_acc, format, throughput."""
+        n = len(roll.texts)
+        formatted = [parse_confidence(t) is not None for t in roll.texts]
+        stats = {
+            "train/loss": loss.detach(),
+            "train/divergence": per_token.detach().sum() / mask.sum().clamp(min=1),
+            "train/rollout_accuracy": correct.float().mean(),
+            "train/p_acc_mean": p_acc.mean(),
+            "train/format_rate": torch.tensor(formatted, dtype=torch.float).mean(),
+            "train/truncated_frac": torch.tensor(roll.truncated, dtype=torch.float).mean(),
+            "train/no_correct_solution_frac": torch.tensor(fallback_frac),
+            "train/prompts_truncated": torch.tensor(float(n_cut)),
+            "train/rollouts_per_s": torch.tensor(n / elapsed),
+            "train/tokens_per_s": torch.tensor(sum(len(c) for c in roll.completions) / elapsed),
+        }
+        stats.update({f"train/{k}": torch.tensor(v) for k, v in p_acc_stats(p_acc).items()})
+        self.log_dict(stats, batch_size=len(batch))
+        self.log("p_acc", p_acc.mean(), prog_bar=True, batch_size=len(batch), logger=False)
+        self.log("rollouts/s", n / elapsed, prog_bar=True, batch_size=len(batch), logger=False)

@@ -10,7 +10,7 @@ distillation (the paper's entropy-collapse claim is measured against it).
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -132,11 +132,8 @@ class WarmupModule(StudentSystem):
         eval: dict | None = None,  # noqa: A002
         name: str = "sft",
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters(ignore=["student", "tokenizer", "task"])
-        self.student, self.tokenizer, self.task = student, tokenizer, task
-        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.setup_eval(task, eval or {})
+        super().__init__(student, tokenizer, task, optimizer, scheduler, eval)
+        self.save_hyperparameters({"name": name, "save_dir": str(save_dir), "eval": self.eval_cfg})
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.student(**batch).loss
@@ -147,3 +144,48 @@ class WarmupModule(StudentSystem):
         if self.trainer.is_global_zero:
             path = save_model(self.student, self.tokenizer, Path(self.hparams.save_dir))
             print(f"Saved the toy base student to {path}")
+
+
+def load_or_build_toy_base(path: str, experiment: str = "toy_base", overrides: dict | None = None) -> str:
+    """The load-or-build step of the toy base student (``model.base`` in ``conf/model/tiny.yaml``).
+
+    When `path` holds no saved model, runs the warm-up experiment once (``python train.py
+    experiment=toy_base`` with `overrides`, about 4 minutes on a laptop CPU), which saves the
+    base there; later runs only load it. Prints what it does either way.
+
+    Args:
+        path: where the base lives (``model.path``).
+        experiment: the experiment that builds it.
+        overrides: Hydra overrides for that experiment, ``{"data.world_seed": 0}``.
+
+    Returns:
+        `path`.
+    """
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lightning_caopd.runner import run
+
+    target = Path(path)
+    if (target / "config.json").is_file():
+        print(f"Toy base: loading {target}")
+        return path
+    args = [f"experiment={experiment}", f"paths.output_dir={target}.run", f"method.save_dir={target}"]
+    args += [f"{k}={v}" for k, v in _flatten(dict(overrides or {}))]
+    print(f"Toy base: {target} does not exist yet; building it once with `python train.py {' '.join(args)}`.")
+    if GlobalHydra.instance().is_initialized():  # inside train.py / evaluate: their config dir
+        run(compose(config_name="train", overrides=args))
+    else:
+        with initialize_config_module("lightning_caopd.conf", version_base="1.3"):
+            run(compose(config_name="train", overrides=args))
+    print(f"Toy base: cached at {target}")
+    return path
+
+
+def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """{"a": {"b": 1}, "c.d": 2} -> [("a.b", 1), ("c.d", 2)] (Hydra override keys)."""
+    out = []
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out += _flatten(dict(v), f"{key}.") if isinstance(v, Mapping) else [(key, v)]
+    return out

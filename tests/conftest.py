@@ -20,9 +20,9 @@ TINY = [
     "data.num_eval=24",
     "data.batch_size=2",
     "data.eval_batch_size=12",
-    "method.num_rollouts=2",
+    "method.rollout.num_rollouts=2",
     "logger=csv",
-    "callbacks=none",
+    "callbacks=minimal",
 ]
 
 
@@ -54,9 +54,21 @@ def toy_base(tmp_path_factory) -> Path:
     path = out / "base"
     cfg = compose_cfg(
         ["experiment=toy_base", "trainer.max_steps=3", "data.dataset.n=96", "data.num_eval=12",
-         f"method.save_dir={path}", "logger=csv", "callbacks=none"],
+         f"method.save_dir={path}", "logger=csv", "callbacks=minimal"],
         out / "run",
     )
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         run(cfg)
     return path
+
+
+@pytest.fixture
+def tiny_overrides() -> list[str]:
+    """`TINY`: overrides that shrink a run to seconds (few items, short evaluation, 2 steps)."""
+    return list(TINY)
+
+
+@pytest.fixture
+def make_cfg():
+    """`compose_cfg(overrides, output_dir, config_name="train")`: a composed, shrinkable config."""
+    return compose_cfg

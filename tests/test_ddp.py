@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_caopd.runner import build_module
+from lightning_caopd.runner import build
 from tests.conftest import TINY, compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +100,7 @@ def test_ddp_two_cpu_processes_end_to_end(toy_base, tmp_path):
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2
     cfg = compose_cfg(["experiment=opd", f"model.path={toy_base}", *TINY], tmp_path / "single")
-    module, _, _ = build_module(cfg)
+    module, _ = build(cfg)
     name = "student.model.layers.0.self_attn.q_proj.weight"
     base = module.state_dict()[name].clone()
     module.load_state_dict(ckpt["state_dict"])

@@ -1,4 +1,4 @@
-"""The paper's two domains: tasks, DataModules, prompts, experiments and the evaluation entry."""
+"""The paper's two domains: tasks, prompts, experiments and the evaluation entry."""
 
 import json
 from pathlib import Path
@@ -7,13 +7,11 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from lightning_caopd import module as module_lib
+from lightning_caopd import callbacks as callbacks_lib
 from lightning_caopd.evaluate import evaluate, load_student_weights
-from lightning_caopd.hf_data import ScienceDataModule, ToolUseDataModule, held_out_indices
-from lightning_caopd.errors import DataError
 from lightning_caopd.models import load_tokenizer
 from lightning_caopd.rollout import encode_chats
-from lightning_caopd.runner import build_module, run
+from lightning_caopd.runner import build, run
 from lightning_caopd.tasks import science, tooluse
 from tests.conftest import compose_cfg
 from tests.fixtures.tiny_models import save_tiny_hf_model
@@ -26,13 +24,13 @@ TOOLUSE = str(FIXTURES / "tooluse_small.jsonl")
 SHORT = [
     "trainer.max_steps=2",
     "trainer.accumulate_grad_batches=2",
-    "method.num_rollouts=2",
-    "method.max_new_tokens=12",
-    "method.eval.max_new_tokens=12",
-    "method.max_prompt_length=1024",
+    "method.rollout.num_rollouts=2",
+    "method.rollout.max_new_tokens=12",
+    "eval.max_new_tokens=12",
+    "method.rollout.max_prompt_length=1024",
     "data.eval_batch_size=4",
     "logger=csv",
-    "callbacks=none",
+    "callbacks=minimal",
 ]
 
 
@@ -43,7 +41,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 def _science_items() -> list[dict]:
-    from lightning_caopd.io import read_jsonl
+    from lightning_caopd.data.loading import read_jsonl
 
     return [science.row_to_item(r, i, SCIENCE) for i, r in enumerate(read_jsonl(SCIENCE))]
 
@@ -116,61 +114,6 @@ def test_rows_without_demo_get_one_from_the_ground_truth():
     assert f"<answer>{eval_row['answer']}</answer>" in eval_row["demo"]
 
 
-# --- DataModules -------------------------------------------------------------------------
-
-
-def test_same_file_split_is_deterministic_and_disjoint():
-    dm = ScienceDataModule(path=SCIENCE, num_eval=2)
-    dm.setup("fit")
-    again = ScienceDataModule(path=SCIENCE, eval_path=SCIENCE, num_eval=2)
-    again.setup("validate")
-    ids = lambda items: [it["id"] for it in items]  # noqa: E731
-    assert len(dm.eval_items) == 2 and len(dm.train_items) == 4
-    assert not set(ids(dm.eval_items)) & set(ids(dm.train_items))
-    assert ids(dm.eval_items) == ids(again.eval_items)
-    assert held_out_indices(100, 10, seed=0) != held_out_indices(100, 10, seed=1)
-
-
-def test_limit_and_a_separate_eval_file(tmp_path):
-    same = ToolUseDataModule(
-        path=TOOLUSE, eval_path=str(Path(TOOLUSE).resolve()), num_eval=1, limit=4
-    )
-    same.setup()
-    assert len(same.train_items) == 3 and len(same.eval_items) == 1  # paths compared resolved
-    copy = tmp_path / "tooluse_eval.jsonl"
-    copy.write_text(Path(TOOLUSE).read_text())
-    other = ToolUseDataModule(path=TOOLUSE, eval_path=str(copy), num_eval=None, limit=2)
-    other.setup()
-    assert len(other.train_items) == 2 and len(other.eval_items) == 2  # nothing held out
-    capped = ToolUseDataModule(path=TOOLUSE, eval_path=str(copy), num_eval=3)
-    capped.setup()
-    assert len(capped.train_items) == 5 and len(capped.eval_items) == 3
-    assert isinstance(capped.eval_items[0]["answer"], list)
-
-
-def test_holding_out_every_row_is_a_clear_error():
-    dm = ScienceDataModule(path=SCIENCE, num_eval=6)
-    with pytest.raises(DataError, match=r"data.num_eval.*data.eval_path"):
-        dm.setup("fit")
-
-
-def test_hub_name_offline_is_a_clear_error_through_the_datamodule(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    dm = ScienceDataModule(path="someone/chem-mcq")
-    with pytest.raises(DataError, match=r"offline.*local JSONL file"):
-        dm.setup("fit")
-
-
-def test_save_to_disk_directory(tmp_path):
-    datasets = pytest.importorskip("datasets", reason="the `real` extra installs datasets")
-    from lightning_caopd.io import read_jsonl
-
-    datasets.Dataset.from_list(read_jsonl(TOOLUSE)).save_to_disk(str(tmp_path / "ds"))
-    dm = ToolUseDataModule(path=str(tmp_path / "ds"), num_eval=2)
-    dm.setup()
-    assert len(dm.train_items) == 3 and dm.eval_items[0]["category"] == "tooluse"
-
-
 # --- experiments -------------------------------------------------------------------------
 
 
@@ -180,15 +123,12 @@ def test_save_to_disk_directory(tmp_path):
 def test_experiments_carry_the_paper_hyper_parameters(experiment, tmp_path):
     cfg = compose_cfg([f"experiment={experiment}", "data.path=x"], tmp_path)
     m = cfg.method
-    assert (m.num_rollouts, m.optimizer.lr, m.divergence, m.teacher_ema) == (
-        8,
-        2e-5,
-        "forward_kl",
-        0.01,
-    )
-    assert (m.skip_first_tokens, m.max_prompt_length, m.max_new_tokens) == (3, 1024, 1024)
+    assert (m.rollout.num_rollouts, m.optimizer.lr, m.loss.divergence) == (8, 2e-5, "forward_kl")
+    assert cfg.callbacks.teacher_ema.rate == 0.01
+    r = m.rollout
+    assert (m.loss.skip_first_tokens, r.max_prompt_length, r.max_new_tokens) == (3, 1024, 1024)
     assert cfg.data.batch_size * cfg.trainer.accumulate_grad_batches == 32
-    assert (m.get("caopd") is not None) == experiment.startswith("caopd")
+    assert m.targets._target_.endswith("CaOPD") == experiment.startswith("caopd")
     assert cfg.data.task._target_.endswith(
         "ScienceTask" if "science" in experiment else "ToolUseTask"
     )
@@ -198,8 +138,8 @@ def test_experiments_carry_the_paper_hyper_parameters(experiment, tmp_path):
 def test_two_step_run_on_fixture_rows(experiment, path, tiny_dir, tmp_path, monkeypatch):
     n_eval = 2 if "science" in experiment else 1
     ema_calls = []
-    real_ema = module_lib.ema_update
-    monkeypatch.setattr(module_lib, "ema_update", lambda *a: ema_calls.append(a) or real_ema(*a))
+    real_ema = callbacks_lib.ema_update
+    monkeypatch.setattr(callbacks_lib, "ema_update", lambda *a: ema_calls.append(a) or real_ema(*a))
     cfg = compose_cfg(
         [
             f"experiment={experiment}",
@@ -241,13 +181,13 @@ def test_tokenizer_mismatch_between_student_and_teacher_is_a_clear_error(tiny_di
     other = save_tiny_hf_model(tmp_path / "other", extra_tokens=("<tool>",))
     cfg = _teacher_cfg(tiny_dir, other, tmp_path)
     with pytest.raises(ValueError, match="tokenizers differ"):
-        build_module(cfg)
+        build(cfg)
 
 
 def test_separately_configured_teacher_with_the_same_tokenizer(tiny_dir, tmp_path):
     other = save_tiny_hf_model(tmp_path / "other", seed=1)
     cfg = _teacher_cfg(tiny_dir, other, tmp_path)
-    module, _, _ = build_module(cfg)
+    module, _ = build(cfg)
     s, t = next(module.student.parameters()), next(module.teacher.parameters())
     assert not torch.equal(s, t) and not t.requires_grad
 
@@ -265,7 +205,7 @@ def test_evaluation_entry_point_writes_metrics_and_diagram(split, n, tiny_dir, t
             f"data.path={SCIENCE}",
             "data.num_eval=2",
             f"split={split}",
-            "method.eval.max_new_tokens=8",
+            "eval.max_new_tokens=8",
         ],
         tmp_path,
         config_name="evaluate",

@@ -26,7 +26,7 @@ def test_two_step_run_writes_metrics_json(experiment, toy_base, tmp_path):
 
 
 def test_caopd_with_one_rollout_is_a_clear_error(toy_base, tmp_path):
-    overrides = ["experiment=caopd", f"model.path={toy_base}", *TINY, "method.num_rollouts=1"]
+    overrides = ["experiment=caopd", f"model.path={toy_base}", *TINY, "method.rollout.num_rollouts=1"]
     cfg = compose_cfg(overrides, tmp_path)
     with pytest.raises(Exception, match="K >= 2"):
         run(cfg)
@@ -39,9 +39,9 @@ def test_missing_base_is_built_on_first_use_and_cached(tmp_path):
     from tests.conftest import CONF_DIR
 
     small_build = [
-        "+model.build.overrides.trainer.max_steps=2",
-        "+model.build.overrides.data.dataset.n=64",
-        "+model.build.overrides.data.num_eval=6",
+        "+model.base.overrides.trainer.max_steps=2",
+        "+model.base.overrides.data.dataset.n=64",
+        "+model.base.overrides.data.num_eval=6",
         "trainer.log_every_n_steps=1",
     ]
     cfg = compose_cfg(["experiment=caopd", *TINY, *small_build], tmp_path)

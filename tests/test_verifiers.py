@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
+from lightning_caopd.data.loading import read_jsonl
 from lightning_caopd.errors import DataError
-from lightning_caopd.io import read_jsonl
 from lightning_caopd.tasks import science, tooluse
 
 FIXTURES = Path(__file__).parent / "fixtures"

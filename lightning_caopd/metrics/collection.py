@@ -1,5 +1,6 @@
 """All calibration metrics of an evaluation at once, overall and per category."""
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +184,18 @@ class CalibrationMetrics(nn.Module):
             if values["n"] > 0:
                 result["by_category"][name] = values
         return result
+
+    def reliability_bins(self) -> dict[str, list]:
+        """The overall reliability diagram's bins as JSON-ready lists (None for an empty bin's
+        means), as ``metrics.json`` keeps them under ``reliability``.
+
+        Under DDP every rank must call this: the bins are gathered.
+        """
+        table = self.overall.metric("ece").reliability_table()
+        return {
+            k: [None if isinstance(x, float) and math.isnan(x) else x for x in v.tolist()]
+            for k, v in table.items()
+        }
 
     def reset(self) -> None:
         """Forget all samples."""

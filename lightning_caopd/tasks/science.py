@@ -32,7 +32,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from lightning_caopd.io import row_error
+from lightning_caopd.data.loading import row_error
 from lightning_caopd.tasks.base import Task
 
 _CHOICE = re.compile(r"\s*[*_]*\s*\(?\s*([A-Za-z])\s*\)?\s*[.:]?\s*[*_]*\s*")

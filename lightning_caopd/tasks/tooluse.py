@@ -29,8 +29,8 @@ import json
 import re
 from pathlib import Path
 
+from lightning_caopd.data.loading import row_error
 from lightning_caopd.errors import DataError
-from lightning_caopd.io import row_error
 from lightning_caopd.tasks.base import Task
 
 _ACTION = re.compile(r"^[ \t>*_]*Action[ \t*_]*:[ \t]*(.*)$", re.MULTILINE | re.IGNORECASE)

@@ -1,0 +1,345 @@
+"""What a run does around the training step, as Lightning callbacks (``conf/callbacks/``).
+
+* `MetricsWriter`: the run's contract files after each evaluation: ``metrics.json`` (the last
+  evaluation, the one before the first training step under ``initial``, and ``run``), the
+  reliability diagram, and for ``evaluate`` the scored completions.
+* `TeacherEMA`: moves the teacher toward the student once per optimizer step.
+* `NonFiniteGuard`: skips an optimizer step whose loss or gradients are NaN or infinite and
+  stops the run after too many in a row.
+* `RolloutEntropy`, `RolloutTable`, `PAccHistogram`: what the loggers get from each step
+  besides the module's scalars.
+* `ReliabilityImage`: each evaluation's diagram as an image for W&B and TensorBoard.
+
+The modules publish what callbacks read: a training step returns its rollouts beside the loss
+(``outputs``), an evaluation leaves its result in ``pl_module.evaluation``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightning_caopd.confidence import answer_confidence_tokens, parse_confidence
+from lightning_caopd.errors import NonFiniteError
+from lightning_caopd.files import atomic_write_text
+from lightning_caopd.loggers import log_histogram, log_image, log_rollouts, takes_media
+from lightning_caopd.metrics.plot import reliability_image, save_reliability_png
+from lightning_caopd.models import AdapterDisabledTeacher
+from lightning_caopd.scoring import token_entropy
+
+METRICS_FILE = "metrics.json"
+
+
+class MetricsWriter(Callback):
+    """Writes ``metrics.json`` and ``reliability.png`` into the run directory after evaluations.
+
+    An evaluation before the first training step (``trainer.validate`` before ``fit``) is the
+    run's ``initial`` evaluation: kept in this callback's state (so in every checkpoint, and a
+    resumed run still reports it) and drawn as ``reliability_initial.png``. Every later
+    evaluation rewrites ``metrics.json``: its result, ``initial`` and ``run`` (the given keys
+    and the optimizer steps taken).
+
+    Args:
+        output_dir: the run directory.
+        run: what to record under ``run`` (experiment, method, seed, ...).
+        record_initial: treat an evaluation before ``fit`` as the initial one (False for
+            ``evaluate``, whose one evaluation is its result).
+        completions: also write ``completions.jsonl``, one scored completion a line.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        run: dict | None = None,
+        record_initial: bool = True,
+        completions: bool = False,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.run = dict(run or {})
+        self.record_initial = record_initial
+        self.completions = completions
+        self.initial: dict | None = None
+        self.result: dict | None = None  # what metrics.json holds
+        self.last_step = -1  # the optimizer step of the last evaluation
+        self._fitting = False
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        self._fitting = True
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Record the evaluation `pl_module` just finished and write the run's files."""
+        result = dict(pl_module.evaluation)
+        self.last_step = trainer.global_step
+        is_initial = self.record_initial and not self._fitting and trainer.global_step == 0
+        if is_initial:
+            self.initial = result
+        else:
+            self.result = {**result, "run": {**self.run, "steps": trainer.global_step}}
+            if self.record_initial:
+                self.result["initial"] = self.initial
+        if not trainer.is_global_zero:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        name = "reliability_initial.png" if is_initial else "reliability.png"
+        save_reliability_png(
+            result["reliability"], result["ece"] or 0.0, self.output_dir / name,
+            title=f"step {trainer.global_step}",
+        )
+        if is_initial:
+            return
+        atomic_write_text(
+            self.output_dir / METRICS_FILE, json.dumps(self.result, indent=2, sort_keys=True)
+        )
+        if self.completions:
+            lines = (json.dumps(r, ensure_ascii=False) + "\n" for r in pl_module.evaluation_records)
+            atomic_write_text(self.output_dir / "completions.jsonl", "".join(lines))
+
+    def state_dict(self) -> dict:  # noqa: D102 - the initial evaluation travels in checkpoints
+        return {"initial": self.initial}
+
+    def load_state_dict(self, state_dict: dict) -> None:  # noqa: D102
+        self.initial = state_dict.get("initial")
+
+
+class TeacherEMA(Callback):
+    """teacher <- (1 - rate) * teacher + rate * student after every optimizer step.
+
+    With gradient accumulation the teacher moves once per optimizer step, as in the paper's
+    SDFT setting (``ref_model_sync_steps=1``), and not after a step `NonFiniteGuard` skipped.
+
+    Args:
+        rate: the EMA rate in [0, 1]; 0 keeps the teacher frozen (0.01: the paper's SDFT).
+    """
+
+    def __init__(self, rate: float = 0.0) -> None:
+        if not isinstance(rate, int | float) or not 0.0 <= rate <= 1.0:
+            raise ValueError(f"callbacks.teacher_ema.rate={rate!r} must be a number in [0, 1].")
+        self.rate = rate
+        self._step_at_start = -1
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
+        if self.rate > 0 and isinstance(getattr(pl_module, "teacher", None), AdapterDisabledTeacher):
+            raise ValueError(
+                "callbacks.teacher_ema.rate > 0 moves the teacher toward the student, but with "
+                "model.lora the self-distillation teacher is the student's own base weights "
+                "(adapter off), which the EMA would overwrite. Set callbacks.teacher_ema.rate=0, "
+                "or model.lora=null."
+            )
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: D102
+        self._step_at_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
+        if self.rate == 0 or trainer.global_step == self._step_at_start:
+            return  # frozen teacher, or a micro-batch without an optimizer step
+        if not any(p.grad is not None for p in pl_module.student.parameters()):
+            return  # the step was skipped (NonFiniteGuard dropped the gradients)
+        ema_update(pl_module.teacher, pl_module.student, self.rate)
+
+
+@torch.no_grad()
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, rate: float) -> None:
+    """teacher <- (1 - rate) * teacher + rate * student, parameter by parameter."""
+    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+        t.lerp_(s.detach(), rate)
+
+
+class NonFiniteGuard(Callback):
+    """Skips an optimizer step whose loss or gradients are NaN or infinite.
+
+    The step's gradients are dropped before the optimizer runs, so it passes over every
+    parameter: no update and no change to its moments. Skipped steps are logged as
+    ``train/skipped_nonfinite``; `max_consecutive` of them in a row stop the run.
+
+    Args:
+        max_consecutive: stop after this many skipped steps in a row (None: never stop).
+    """
+
+    def __init__(self, max_consecutive: int | None = 3) -> None:
+        if max_consecutive is not None and (
+            isinstance(max_consecutive, bool) or not isinstance(max_consecutive, int)
+            or max_consecutive < 1
+        ):
+            raise ValueError(
+                "callbacks.nonfinite_guard.max_consecutive must be 1 or more, or null to never "
+                f"stop; got {max_consecutive!r}."
+            )
+        self.max_consecutive = max_consecutive
+        self.streak = 0
+        self.total = 0
+        self._loss_finite = True
+
+    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:  # noqa: D102
+        self._loss_finite = self._loss_finite and bool(torch.isfinite(loss).all())
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # noqa: D102
+        finite = self._loss_finite and all_finite(pl_module.parameters())
+        self._loss_finite = True
+        if not finite:
+            optimizer.zero_grad(set_to_none=True)
+        self.streak = 0 if finite else self.streak + 1
+        self.total += not finite
+        pl_module.log("train/skipped_nonfinite", float(self.total))
+        if self.max_consecutive is not None and self.streak >= self.max_consecutive:
+            raise NonFiniteError(
+                f"Stopped at optimizer step {trainer.global_step}: the loss or the gradients "
+                f"were NaN or infinite in {self.streak} steps in a row "
+                f"(callbacks.nonfinite_guard.max_consecutive={self.max_consecutive}); each of "
+                f"them was skipped without changing the weights ({self.total} skipped in all, "
+                "logged as train/skipped_nonfinite). Common causes are a learning rate that is "
+                "too high (method.optimizer.lr), fp16 overflow (use bf16 or 32-bit precision) "
+                "or a broken model or batch. Fix the cause and resume from the last good "
+                "checkpoint (ckpt_path=last), or raise the limit."
+            )
+
+    def state_dict(self) -> dict:  # noqa: D102
+        return {"streak": self.streak, "total": self.total}
+
+    def load_state_dict(self, state_dict: dict) -> None:  # noqa: D102
+        self.streak, self.total = state_dict.get("streak", 0), state_dict.get("total", 0)
+
+
+@torch.no_grad()
+def all_finite(params) -> bool:
+    """Whether every gradient of `params` is finite (one device sync)."""
+    checks = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+    return bool(torch.stack(checks).all()) if checks else True
+
+
+class RolloutEntropy(Callback):
+    """``train/answer_entropy`` and ``train/confidence_entropy`` every step: the student's
+    token entropy (nats) on its rollouts' answer and confidence tokens (the paper's entropy
+    collapse shows in the second)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
+        if not isinstance(outputs, dict) or "logits" not in outputs:
+            return  # not a distillation step
+        stats = rollout_entropies(outputs["logits"], outputs["completions"], pl_module.tokenizer)
+        if stats:
+            pl_module.log_dict(
+                {k: torch.tensor(v) for k, v in stats.items()}, batch_size=len(outputs["items"])
+            )
+
+
+@torch.no_grad()
+def rollout_entropies(
+    logits: torch.Tensor, completions: list[list[int]], tokenizer
+) -> dict[str, float]:
+    """The student's mean token entropy (nats) on the answer and the confidence tokens of rollouts.
+
+    Args:
+        logits: (N, T, V) logits predicting each completion token (``logits[i, t]`` predicts
+            ``completions[i][t]``).
+        completions: N completion id lists.
+        tokenizer: decodes the completions to find the spans.
+
+    Returns:
+        ``{"train/answer_entropy", "train/confidence_entropy"}``, token-weighted over the batch;
+        a key is left out when no rollout has such tokens (nothing to average).
+    """
+    sums = {"answer": [0.0, 0], "confidence": [0.0, 0]}
+    for i, ids in enumerate(completions):
+        ids = list(ids)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        for name, idx in zip(sums, answer_confidence_tokens(ids, text, tokenizer), strict=True):
+            if idx:  # entropy of these rows only: (len(idx), V), never (T, V) per rollout
+                sums[name][0] += token_entropy(logits[i, idx]).sum().item()
+                sums[name][1] += len(idx)
+    return {f"train/{name}_entropy": s / n for name, (s, n) in sums.items() if n}
+
+
+class RolloutTable(Callback):
+    """A table of sample rollouts every `every` optimizer steps (W&B table, TensorBoard text,
+    ``csv/rollouts.csv``): prompt, completion, parsed answer, confidence, verdict, P_acc.
+
+    Args:
+        every: optimizer steps between tables (0: never).
+        rows: rows per table, one rollout per prompt before a second.
+    """
+
+    def __init__(self, every: int = 50, rows: int = 8) -> None:
+        if every < 0 or rows < 1:
+            raise ValueError(
+                f"callbacks.rollout_table needs every >= 0 and rows >= 1; got every={every}, "
+                f"rows={rows}."
+            )
+        self.every, self.rows = every, rows
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
+        step = trainer.global_step
+        if not isinstance(outputs, dict) or "texts" not in outputs:
+            return  # not a distillation step (the warm-up's steps return only a loss)
+        if not self.every or step % self.every or step == self._last_step:
+            return
+        self._last_step = step
+        rows = rollout_rows(
+            step, outputs["items"], pl_module.task, outputs["texts"], outputs["correct"],
+            outputs["p_acc"], self.rows,
+        )
+        log_rollouts(trainer.loggers, rows, step)
+
+
+def rollout_rows(
+    step: int,
+    items: list[dict],
+    task,
+    texts: list[str],
+    correct: torch.Tensor,
+    p_acc: torch.Tensor,
+    n_rows: int,
+) -> list[list]:
+    """Up to `n_rows` rollouts as table rows (`ROLLOUT_COLUMNS`), one per prompt before a second.
+
+    Args:
+        step: the global step.
+        items: the B prompts' items.
+        task: gives the student prompt and the parsed answer.
+        texts: the B*K rollout texts, prompt-major.
+        correct: (B*K,) verdicts.
+        p_acc: (B,) P_acc per prompt.
+        n_rows: rows to keep.
+    """
+    k = len(texts) // len(items)
+    order = [b * k + j for j in range(k) for b in range(len(items))][:n_rows]
+    return [
+        [
+            step,
+            task.student_messages(items[i // k])[-1]["content"],
+            texts[i],
+            task.parse_answer(texts[i]),
+            parse_confidence(texts[i]),
+            bool(correct[i]),
+            round(float(p_acc[i // k]), 4),
+        ]
+        for i in order
+    ]
+
+
+class PAccHistogram(Callback):
+    """A histogram of the step's P_acc (one value per prompt) for W&B and TensorBoard."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
+        if isinstance(outputs, dict) and "p_acc" in outputs and takes_media(trainer.loggers):
+            log_histogram(
+                trainer.loggers, "train/p_acc", outputs["p_acc"].cpu(), trainer.global_step
+            )
+
+
+class ReliabilityImage(Callback):
+    """Each evaluation's reliability diagram as an image (``val/reliability``) for W&B and
+    TensorBoard (the CSV logger's run directory has the PNG)."""
+
+    def on_validation_end(self, trainer, pl_module) -> None:  # noqa: D102
+        result = getattr(pl_module, "evaluation", None)
+        if not result or result.get("ece") is None or not takes_media(trainer.loggers):
+            return
+        if isinstance(result["ece"], float) and math.isnan(result["ece"]):
+            return
+        image = reliability_image(result["reliability"], result["ece"], f"step {trainer.global_step}")
+        log_image(trainer.loggers, "val/reliability", image, trainer.global_step)

@@ -1,0 +1,1 @@
+"""Hydra configs, shipped inside the package so that installed entry points find them."""

@@ -1,0 +1,72 @@
+"""The shared DataModule base: items in, batches of items (lists of dicts) out."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader
+
+from lightning_caopd.checkpointing import ResumableDataLoader
+
+
+def _as_list(rows: list) -> list:
+    return rows
+
+
+class ItemDataModule(L.LightningDataModule):
+    """Serves training and evaluation items; batches are lists of item dicts.
+
+    Args:
+        batch_size: prompts per training step (each gets K rollouts).
+        eval_batch_size: items per evaluation batch.
+        shuffle: shuffle the training items (seeded by Lightning's seed).
+    """
+
+    def __init__(
+        self, batch_size: int = 8, eval_batch_size: int = 128, shuffle: bool = True
+    ) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.shuffle = shuffle
+        self.train_items: list = []
+        self.eval_items: list[dict] = []
+
+    def _check(self) -> None:
+        for name, rows in (("training", self.train_items), ("evaluation", self.eval_items)):
+            if not rows:
+                raise ValueError(
+                    f"The {name} split is empty: check the data config (`data.*`) points at rows."
+                )
+
+    def train_dataloader(self) -> DataLoader:
+        """The training items in a seeded order that replays on resume."""
+        self._check()
+        # a generator of its own, seeded by the run's seed: the order replays on resume
+        # (`ResumableDataLoader`), and drawing it leaves torch's global generator alone
+        return ResumableDataLoader(
+            dataset=self.train_items,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            collate_fn=_as_list,
+            generator=torch.Generator().manual_seed(torch.initial_seed()),
+            trained_batches=self._trained_batches,
+        )
+
+    def _trained_batches(self) -> int:
+        """Batches trained on in the current epoch (the data position a checkpoint records)."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def val_dataloader(self) -> DataLoader:
+        """The evaluation items in order; under DDP each rank gets its own, none repeated."""
+        self._check()
+        sampler = None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # each rank scores its own items, none twice (Lightning's default sampler pads the
+            # last ranks with repeats, which would count items twice in the synced metrics)
+            sampler = UnrepeatedDistributedSampler(self.eval_items, shuffle=False)
+        return DataLoader(
+            self.eval_items, batch_size=self.eval_batch_size, sampler=sampler, collate_fn=_as_list
+        )

@@ -1,0 +1,155 @@
+"""DataModules for the paper's two domains, read from local files or the Hub.
+
+Rows come through `lightning_caopd.data.loading.load_rows` (a JSON Lines file, a ``save_to_disk``
+directory or a Hub dataset name) and become items through the domain's ``row_to_item``.
+
+Train / evaluation split: ``path`` gives the training rows and ``eval_path`` (by default the
+same source) the evaluation rows. When both name the same rows (same file or directory and
+the same split), ``num_eval`` rows are held out of training: a fixed random choice drawn from
+``split_seed``, independent of the run's seed, so every run of an experiment scores the same
+items. Otherwise ``num_eval`` caps the evaluation rows (null keeps them all). ``limit`` keeps
+only the first rows of each source, before the split.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+from lightning_caopd.data.base import ItemDataModule
+from lightning_caopd.data.loading import load_rows
+from lightning_caopd.errors import DataError
+from lightning_caopd.tasks import science, tooluse
+
+
+def _same_rows(a: str, split_a: str | None, b: str, split_b: str | None) -> bool:
+    """Whether two (source, split) pairs name the same rows (paths compared resolved)."""
+    if split_a != split_b:
+        return False
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return str(a) == str(b)
+
+
+def held_out_indices(n: int, num_eval: int, seed: int) -> list[int]:
+    """Which of `n` rows to hold out for evaluation: `num_eval` of them, seeded, sorted.
+
+    Args:
+        n: number of rows.
+        num_eval: rows to hold out.
+        seed: the split's seed.
+
+    Returns:
+        Sorted row indices.
+
+    Examples:
+        >>> held_out_indices(10, 3, seed=0) == held_out_indices(10, 3, seed=0)
+        True
+    """
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return sorted(order[:num_eval])
+
+
+class RowsDataModule(ItemDataModule):
+    """Items from a file, a ``save_to_disk`` directory or a Hub dataset.
+
+    Rows are read in `setup`, so a bad path fails when the trainer starts rather than when
+    the config is composed.
+
+    Args:
+        path: training rows (see `lightning_caopd.data.loading.load_rows`).
+        row_to_item: turns ``(row, index, source)`` into an item.
+        eval_path: evaluation rows; None or the same source as `path` holds rows out of it.
+        num_eval: held-out rows (same source) or a cap on evaluation rows (another source;
+            None keeps all).
+        limit: keep only the first `limit` rows of each source (None: all).
+        split: the split of `path` where it holds several.
+        eval_split: the split of `eval_path`; None uses `split`.
+        split_seed: seed of the held-out choice.
+        **kwargs: see `ItemDataModule` (``batch_size``, ``eval_batch_size``, ``shuffle``).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        row_to_item: Callable[[dict, int, str], dict],
+        eval_path: str | None = None,
+        num_eval: int | None = 50,
+        limit: int | None = None,
+        split: str | None = None,
+        eval_split: str | None = None,
+        split_seed: int = 0,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        for name, value in (("num_eval", num_eval), ("limit", limit)):
+            if value is not None and value < 1:
+                raise ValueError(f"`data.{name}` must be a positive number or null; got {value}.")
+        self.path = str(path)
+        self.eval_path = str(eval_path) if eval_path is not None else self.path
+        self.row_to_item = row_to_item
+        self.num_eval = num_eval
+        self.limit = limit
+        self.split = split
+        self.eval_split = eval_split if eval_split is not None else split
+        self.split_seed = split_seed
+
+    def load_items(self, source: str, split: str | None) -> list[dict]:
+        """Every item of one source (its first `limit` rows), unsplit.
+
+        Args:
+            source: see `lightning_caopd.data.loading.load_rows`.
+            split: the split, where the source holds several.
+
+        Returns:
+            The items, in source order.
+        """
+        rows = load_rows(source, split)[: self.limit]
+        return [self.row_to_item(row, i, source) for i, row in enumerate(rows)]
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read and split the rows (once; later calls keep them)."""
+        if self.train_items or self.eval_items:
+            return
+        train = self.load_items(self.path, self.split)
+        if not _same_rows(self.path, self.split, self.eval_path, self.eval_split):
+            self.train_items = train
+            self.eval_items = self.load_items(self.eval_path, self.eval_split)[: self.num_eval]
+            return
+        if self.num_eval is None or self.num_eval >= len(train):
+            raise DataError(
+                f"Training and evaluation both read {self.path} ({len(train)} rows), so "
+                f"`data.num_eval` rows are held out for evaluation, but it is "
+                f"{self.num_eval}. Set it below {len(train)}, or give separate evaluation "
+                "rows with `data.eval_path`."
+            )
+        held = set(held_out_indices(len(train), self.num_eval, self.split_seed))
+        self.eval_items = [it for i, it in enumerate(train) if i in held]
+        self.train_items = [it for i, it in enumerate(train) if i not in held]
+
+
+class ScienceDataModule(RowsDataModule):
+    """Science multiple choice rows (see `lightning_caopd.tasks.science.row_to_item`).
+
+    Args:
+        path: training rows.
+        **kwargs: see `RowsDataModule`.
+    """
+
+    def __init__(self, path: str, **kwargs) -> None:
+        super().__init__(path, science.row_to_item, **kwargs)
+
+
+class ToolUseDataModule(RowsDataModule):
+    """Tool-use rows (see `lightning_caopd.tasks.tooluse.row_to_item`).
+
+    Args:
+        path: training rows.
+        **kwargs: see `RowsDataModule`.
+    """
+
+    def __init__(self, path: str, **kwargs) -> None:
+        super().__init__(path, tooluse.row_to_item, **kwargs)

@@ -1,0 +1,87 @@
+"""Scoring a model on held-out items: answers, confidences and token entropies (greedy, no
+privileged context); the LightningModules' validation step calls `evaluate_items`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lightning_caopd.confidence import answer_confidence_tokens, parse_confidence
+from lightning_caopd.rollout import build_batch, completion_logits, encode_chats, sample
+from lightning_caopd.tasks.base import Task
+
+
+@dataclass
+class EvalBatch:
+    """What one evaluation batch produced.
+
+    Attributes:
+        confidence: (N,) parsed confidences, NaN where none could be parsed.
+        correct: (N,) verifier verdicts.
+        category: (N,) index of each item's category in the task's categories.
+        answer_entropy: (sum, count) of the student's token entropy (nats) on answer tokens.
+        confidence_entropy: (sum, count) of the same on the confidence value's tokens.
+        records: one dict per item, for rollout tables.
+    """
+
+    confidence: torch.Tensor
+    correct: torch.Tensor
+    category: torch.Tensor
+    answer_entropy: tuple[float, int] = (0.0, 0)
+    confidence_entropy: tuple[float, int] = (0.0, 0)
+    records: list[dict] = field(default_factory=list)
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of softmax(logits) over the last dimension."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@torch.no_grad()
+def evaluate_items(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    items: list[dict],
+    max_new_tokens: int = 32,
+    max_prompt_length: int | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+) -> EvalBatch:
+    """Answer `items` without privileged context and score every answer and confidence."""
+    prompts, _ = encode_chats(tokenizer, [task.student_messages(it) for it in items], max_prompt_length)
+    roll = sample(
+        model, tokenizer, prompts, 1, max_new_tokens, temperature, do_sample=do_sample
+    )
+    conf = torch.tensor(
+        [c if (c := parse_confidence(t)) is not None else float("nan") for t in roll.texts]
+    )
+    correct = torch.tensor([task.verify(t, it) for t, it in zip(roll.texts, items, strict=True)])
+    cats = list(task.categories)
+    category = torch.tensor([cats.index(it["category"]) if it["category"] in cats else -1 for it in items])
+
+    batch = build_batch(prompts, roll.completions, tokenizer.pad_token_id, next(model.parameters()).device)
+    ent = token_entropy(completion_logits(model, batch)).cpu()  # (N, T)
+    a_sum = a_n = c_sum = c_n = 0.0
+    records = []
+    for i, (ids, text) in enumerate(zip(roll.completions, roll.texts, strict=True)):
+        a_idx, c_idx = answer_confidence_tokens(ids, text, tokenizer)
+        a_sum += ent[i, a_idx].sum().item()
+        a_n += len(a_idx)
+        c_sum += ent[i, c_idx].sum().item()
+        c_n += len(c_idx)
+        records.append(
+            {
+                "id": items[i]["id"],
+                "category": items[i]["category"],
+                "completion": text,
+                "answer": task.parse_answer(text),
+                "confidence": None if conf[i].isnan() else conf[i].item(),
+                "correct": bool(correct[i]),
+                "truncated": roll.truncated[i],
+            }
+        )
+    return EvalBatch(conf, correct, category, (a_sum, int(a_n)), (c_sum, int(c_n)), records)

@@ -1,0 +1,83 @@
+"""The method's knobs, grouped as a user looks for them: rollouts (``method.rollout``) and the
+loss (``method.loss``). Each group is checked when it is built, so a bad value stops the run at
+start-up with one sentence naming the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+PROMPT_OVERFLOW = ("truncate", "skip")
+
+
+def _fail(key: str, value: object, allowed: str) -> None:
+    raise ValueError(f"{key}={value!r} is out of range: it must be {allowed}.")
+
+
+def _int(key: str, value: object, low: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        _fail(key, value, f"an integer >= {low}" + (" or null" if allow_none else ""))
+
+
+@dataclass
+class RolloutSettings:
+    """How the student samples its K rollouts per prompt.
+
+    Args:
+        num_rollouts: K, rollouts per prompt (P_acc is measured over them).
+        max_new_tokens: the rollout length limit.
+        temperature: sampling temperature (> 0).
+        top_p: nucleus threshold in (0, 1].
+        max_prompt_length: a longer student prompt is cut or skipped (``prompt_overflow``);
+            teacher prompts are always cut. None: no limit.
+        prompt_overflow: ``truncate`` (left end) or ``skip`` (the item leaves the step);
+            both are counted.
+    """
+
+    num_rollouts: int = 8
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_prompt_length: int | None = None
+    prompt_overflow: str = "truncate"
+
+    def __post_init__(self) -> None:
+        _int("method.rollout.num_rollouts", self.num_rollouts, 1)
+        _int("method.rollout.max_new_tokens", self.max_new_tokens, 1)
+        _int("method.rollout.max_prompt_length", self.max_prompt_length, 1, allow_none=True)
+        if not isinstance(self.temperature, int | float) or not self.temperature > 0:
+            _fail("method.rollout.temperature", self.temperature, "a number > 0")
+        if not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
+            _fail("method.rollout.top_p", self.top_p, "a number in (0, 1]")
+        if self.prompt_overflow not in PROMPT_OVERFLOW:
+            _fail("method.rollout.prompt_overflow", self.prompt_overflow, "'truncate' or 'skip'")
+
+
+@dataclass
+class LossSettings:
+    """The per-token divergence between teacher and student on the completions.
+
+    Args:
+        divergence: ``forward_kl`` = KL(teacher || student) (the released CaOPD/SDFT code's
+            default), ``reverse_kl`` = KL(student || teacher), or ``jsd``.
+        jsd_beta: the JSD's mixing weight in [0, 1] (0 gives forward KL, 1 reverse KL).
+        skip_first_tokens: completion tokens left out of the loss at each rollout's start.
+        chunk_size: positions per chunk of the memory-bounded divergence (None: unchunked).
+        share_prompt_prefix: encode each prompt once for its K completions (exact; faster).
+    """
+
+    divergence: str = "forward_kl"
+    jsd_beta: float = 0.5
+    skip_first_tokens: int = 0
+    chunk_size: int | None = None
+    share_prompt_prefix: bool = True
+
+    def __post_init__(self) -> None:
+        if self.divergence not in DIVERGENCES:
+            _fail("method.loss.divergence", self.divergence, f"one of {DIVERGENCES}")
+        if not isinstance(self.jsd_beta, int | float) or not 0 <= self.jsd_beta <= 1:
+            _fail("method.loss.jsd_beta", self.jsd_beta, "a number in [0, 1]")
+        _int("method.loss.skip_first_tokens", self.skip_first_tokens, 0)
+        _int("method.loss.chunk_size", self.chunk_size, 1, allow_none=True)
