@@ -54,8 +54,10 @@ def main() -> None:
         values.append(value)
 
     median = statistics.median(totals)
-    print(f"StrictPairwiseRanking, n={args.n:,}, {args.batches} update() calls, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"StrictPairwiseRanking, n={args.n:,}, {args.batches} update() calls, "
+        f"{torch.get_num_threads()} threads"
+    )
     print(f"{'run':>6} | {'update+compute s':>16} | {'update s':>8}")
     for i, (total, update) in enumerate(zip(totals, updates, strict=True)):
         print(f"{i:>6} | {total:>16.3f} | {update:>8.3f}")
@@ -64,20 +66,26 @@ def main() -> None:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "benchmark": "spr_speed",
-        "n": args.n,
-        "repeats": args.repeats,
-        "batches": args.batches,
-        "seconds": totals,
-        "update_seconds": updates,
-        "median_seconds": median,
-        "spr": values[0],
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-    }, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "spr_speed",
+                "n": args.n,
+                "repeats": args.repeats,
+                "batches": args.batches,
+                "seconds": totals,
+                "update_seconds": updates,
+                "median_seconds": median,
+                "spr": values[0],
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "machine": platform.machine(),
+                "processor": platform.processor(),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
 
 

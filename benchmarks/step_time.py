@@ -5,9 +5,9 @@ one student forward + backward over the completions, one teacher forward with th
 context (SDFT, this project) and an optimizer step, fp32, on a tiny Llama (hidden 128, 4 layers,
 4 heads, intermediate 256) with the project's character tokenizer. Contestants:
 
-- ``bare``: the naive step timed alone: one batched ``generate`` (transformers' own), one student forward+backward
-  and one teacher forward over the full prompt+completion rows, full-vocabulary forward KL,
-  an AdamW step;
+- ``bare``: the naive step timed alone: one batched ``generate`` (transformers' own), one student
+  forward+backward and one teacher forward over the full prompt+completion rows,
+  full-vocabulary forward KL, an AdamW step;
 - ``caopd``: this project's ``DistillationModule.training_step`` + backward + AdamW step;
 - ``sdft`` / ``sdft_ckpt``: ``trl.experimental.sdft.SDFTTrainer`` (full logits, forward KL:
   ``distillation_alpha=0``, frozen base teacher), gradient checkpointing off / on (its default);
@@ -22,7 +22,7 @@ and the reported time is the median of round medians; ratios are against ``caopd
 Usage:
     pip install -e ".[bench]"          # trl, peft (TRL is a benchmark-only dependency)
     python benchmarks/step_time.py                            # the tiny work, 3 rounds
-    python benchmarks/step_time.py --case science             # prompt ~380, teacher ~600, 128 tokens
+    python benchmarks/step_time.py --case science   # prompt ~380, teacher ~600, 128 tokens
     python benchmarks/step_time.py --rounds 1 --steps 1 --warmup 0 --prompts 2 --k 2 --new-tokens 4
 """
 
@@ -50,10 +50,16 @@ from lightning_caopd.models import (
     load_pretrained,
     load_tokenizer,
 )  # noqa: E402
-from lightning_caopd.rollout import build_batch, completion_logits, encode_chats, sample  # noqa: E402
+from lightning_caopd.rollout import (  # noqa: E402
+    build_batch,
+    completion_logits,
+    encode_chats,
+    sample,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = {  # prompt chars, extra teacher chars, new tokens (the character tokenizer: 1 char = 1 token)
+# prompt chars, extra teacher chars, new tokens (the character tokenizer: 1 char = 1 token)
+CASES = {
     "tiny": (None, None, 14),
     "science": (380, 220, 128),
 }
@@ -128,22 +134,23 @@ def bare_contestant(args, model_dir, items):
 
 
 def caopd_contestant(args, model_dir, items):
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
+    from hydra import compose, initialize_config_module
 
-    from lightning_caopd.tasks.toy import ToyTask
+    from lightning_caopd.runner import build
 
-    conf = OmegaConf.load(ROOT / "conf" / "method" / "opd.yaml")
-    conf.template.user_format = "{context}{note}\n\n{prompt}"  # the same teacher prompt as bare/TRL
-    conf.num_rollouts, conf.max_new_tokens = args.k, args.new_tokens
-    conf.tracking = {"rollouts_every": 10**9, "entropy": False}
-    tok = load_tokenizer(str(model_dir))
-    module = instantiate(
-        conf,
-        student=load_pretrained(str(model_dir), attn_implementation="eager"),
-        tokenizer=tok,
-        task=ToyTask(confidence_instruction="", instruction_role="user"),
-    )
+    overrides = [
+        "model=hf",
+        f"model.pretrained_model_name_or_path={model_dir}",
+        "model.attn_implementation=eager",
+        "data.task.confidence_instruction=''",
+        "data.task.instruction_role=user",
+        f"method.rollout.num_rollouts={args.k}",
+        f"method.rollout.max_new_tokens={args.new_tokens}",
+    ]
+    with initialize_config_module("lightning_caopd.conf", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    cfg.method.template.user_format = "{context}{note}\n\n{prompt}"  # the bare/TRL teacher prompt
+    module, _ = build(cfg)  # the project's one builder, as train.py uses it
     opt = module.configure_optimizers()
     opt = opt["optimizer"] if isinstance(opt, dict) else opt
     batch = [
@@ -158,7 +165,7 @@ def caopd_contestant(args, model_dir, items):
     ]
 
     def step():
-        loss = module.training_step(batch, 0)
+        loss = module.training_step(batch, 0)["loss"]
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -335,7 +342,8 @@ def main() -> None:
     result = {n: statistics.median(v) for n, v in medians.items()}
     ref = result.get("caopd")
     print(
-        f"\ncase={args.case}: {args.prompts} prompts x K={args.k} x {args.new_tokens} new tokens, fp32, "
+        f"\ncase={args.case}: {args.prompts} prompts x K={args.k} x {args.new_tokens} new tokens, "
+        "fp32, "
         f"{args.threads} threads, median of {args.rounds} round medians ({args.steps} steps each)"
     )
     print("| contestant | s/step | x caopd | caopd / it |")

@@ -54,8 +54,10 @@ def _kept_prefix_tokens(ids: list[int], keep_chars: int, tokenizer: PreTrainedTo
 
 
 class ConfidenceTargets:
-    """OPD's confidence targets: the student's sampled completion and the teacher's context as
-    they are (what the teacher's privileged context says, the student learns to say)."""
+    """OPD's confidence targets: the sampled completions and the teacher's context as they are.
+
+    What the teacher's privileged context says, the student learns to say.
+    """
 
     needs_p_acc: bool = False  # whether the policy needs K >= 2 rollouts per prompt
 
@@ -121,7 +123,11 @@ class CaOPD(ConfidenceTargets):
 
     def teacher_context(self, context: str, p_acc: float) -> str:
         """Replacement (b): the privileged solution states ``P_acc`` instead of 1.00."""
-        return with_confidence(context, self.confidence_line(p_acc)) if self.replace_context else context
+        return (
+            with_confidence(context, self.confidence_line(p_acc))
+            if self.replace_context
+            else context
+        )
 
     def teacher_note(self, p_acc: float) -> str:
         """Replacement (c): the note for the teacher's context (empty when disabled)."""
@@ -153,5 +159,7 @@ class CaOPD(ConfidenceTargets):
         gap = text[len(kept_text) : keep_chars]  # chars of a token straddling the cut, if any
         if not (kept_text + gap).endswith("\n") and (kept_text + gap):
             gap += "\n"
-        new_tail = tokenizer(gap + self.confidence_line(p_acc), add_special_tokens=False)["input_ids"]
+        new_tail = tokenizer(gap + self.confidence_line(p_acc), add_special_tokens=False)[
+            "input_ids"
+        ]
         return body[:n] + list(new_tail) + [eos]

@@ -87,7 +87,9 @@ class MetricsWriter(Callback):
         self.output_dir.mkdir(parents=True, exist_ok=True)
         name = "reliability_initial.png" if is_initial else "reliability.png"
         save_reliability_png(
-            result["reliability"], result["ece"] or 0.0, self.output_dir / name,
+            result["reliability"],
+            result["ece"] or 0.0,
+            self.output_dir / name,
             title=f"step {trainer.global_step}",
         )
         if is_initial:
@@ -123,7 +125,9 @@ class TeacherEMA(Callback):
         self._step_at_start = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
-        if self.rate > 0 and isinstance(getattr(pl_module, "teacher", None), AdapterDisabledTeacher):
+        if self.rate > 0 and isinstance(
+            getattr(pl_module, "teacher", None), AdapterDisabledTeacher
+        ):
             raise ValueError(
                 "callbacks.teacher_ema.rate > 0 moves the teacher toward the student, but with "
                 "model.lora the self-distillation teacher is the student's own base weights "
@@ -144,7 +148,7 @@ class TeacherEMA(Callback):
 
 @torch.no_grad()
 def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, rate: float) -> None:
-    """teacher <- (1 - rate) * teacher + rate * student, parameter by parameter."""
+    """Teacher <- (1 - rate) * teacher + rate * student, parameter by parameter."""
     for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
         t.lerp_(s.detach(), rate)
 
@@ -162,7 +166,8 @@ class NonFiniteGuard(Callback):
 
     def __init__(self, max_consecutive: int | None = 3) -> None:
         if max_consecutive is not None and (
-            isinstance(max_consecutive, bool) or not isinstance(max_consecutive, int)
+            isinstance(max_consecutive, bool)
+            or not isinstance(max_consecutive, int)
             or max_consecutive < 1
         ):
             raise ValueError(
@@ -212,9 +217,11 @@ def all_finite(params) -> bool:
 
 
 class RolloutEntropy(Callback):
-    """``train/answer_entropy`` and ``train/confidence_entropy`` every step: the student's
-    token entropy (nats) on its rollouts' answer and confidence tokens (the paper's entropy
-    collapse shows in the second)."""
+    """``train/answer_entropy`` and ``train/confidence_entropy`` every step.
+
+    The student's token entropy (nats) on its rollouts' answer and confidence tokens; the
+    paper's entropy collapse shows in the second.
+    """
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
         if not isinstance(outputs, dict) or "logits" not in outputs:
@@ -254,8 +261,10 @@ def rollout_entropies(
 
 
 class RolloutTable(Callback):
-    """A table of sample rollouts every `every` optimizer steps (W&B table, TensorBoard text,
-    ``csv/rollouts.csv``): prompt, completion, parsed answer, confidence, verdict, P_acc.
+    """A table of sample rollouts every `every` optimizer steps.
+
+    A W&B table, a TensorBoard text and ``csv/rollouts.csv``: prompt, completion, parsed
+    answer, confidence, verdict, P_acc.
 
     Args:
         every: optimizer steps between tables (0: never).
@@ -279,8 +288,13 @@ class RolloutTable(Callback):
             return
         self._last_step = step
         rows = rollout_rows(
-            step, outputs["items"], pl_module.task, outputs["texts"], outputs["correct"],
-            outputs["p_acc"], self.rows,
+            step,
+            outputs["items"],
+            pl_module.task,
+            outputs["texts"],
+            outputs["correct"],
+            outputs["p_acc"],
+            self.rows,
         )
         log_rollouts(trainer.loggers, rows, step)
 
@@ -332,8 +346,10 @@ class PAccHistogram(Callback):
 
 
 class ReliabilityImage(Callback):
-    """Each evaluation's reliability diagram as an image (``val/reliability``) for W&B and
-    TensorBoard (the CSV logger's run directory has the PNG)."""
+    """Each evaluation's reliability diagram as an image (``val/reliability``).
+
+    For W&B and TensorBoard; the CSV logger's run directory has the PNG.
+    """
 
     def on_validation_end(self, trainer, pl_module) -> None:  # noqa: D102
         result = getattr(pl_module, "evaluation", None)
@@ -341,5 +357,7 @@ class ReliabilityImage(Callback):
             return
         if isinstance(result["ece"], float) and math.isnan(result["ece"]):
             return
-        image = reliability_image(result["reliability"], result["ece"], f"step {trainer.global_step}")
+        image = reliability_image(
+            result["reliability"], result["ece"], f"step {trainer.global_step}"
+        )
         log_image(trainer.loggers, "val/reliability", image, trainer.global_step)

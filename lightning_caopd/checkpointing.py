@@ -44,8 +44,10 @@ RNG_KEY = "rng_states"
 
 
 def rng_states() -> dict[str, Any]:
-    """The states of every random generator a training step draws from (tensors and plain
-    values only, so that a checkpoint loads with ``weights_only=True``)."""
+    """The states of every random generator a training step draws from.
+
+    Tensors and plain values only, so that a checkpoint loads with ``weights_only=True``.
+    """
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     states = {
         "python": random.getstate(),
@@ -198,8 +200,11 @@ def load_checkpoint_file(path: _PATH, map_location: Any = "cpu") -> dict[str, An
 
 
 class ModelCheckpoint(_LightningModelCheckpoint):
-    """Lightning's `ModelCheckpoint`; with ``save_last`` the state after the final step is
-    always saved, also when the step count is no multiple of ``every_n_train_steps``."""
+    """Lightning's `ModelCheckpoint`, saving ``last.ckpt`` after the final step too.
+
+    With ``save_last`` the state after the final step is always saved, also when the step count
+    is no multiple of ``every_n_train_steps``.
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

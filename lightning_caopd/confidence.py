@@ -48,12 +48,8 @@ def _winner(text: str) -> tuple[int, tuple[int, int] | None, bool] | None:
         ``(marker_start, number_span, is_percent)`` with ``number_span`` ``None`` when the
         winning marker's value is not a number, or ``None`` when there is no marker at all.
     """
-    label = None
-    for label in _LABEL.finditer(text):
-        pass
-    tag = None
-    for tag in _TAG.finditer(text):
-        pass
+    label = next(reversed(list(_LABEL.finditer(text))), None)  # the last of each form
+    tag = next(reversed(list(_TAG.finditer(text))), None)
     if label is None and tag is None:
         return None
     if tag is None or (label is not None and label.start() > tag.start()):

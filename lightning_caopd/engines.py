@@ -100,6 +100,12 @@ class HFEngine(RolloutEngine):
                 "DistillationModule does both: build engines through it (method.engine)."
             )
         return sample(
-            self.model, self.tokenizer, prompts, k, max_new_tokens, temperature, top_p,
+            self.model,
+            self.tokenizer,
+            prompts,
+            k,
+            max_new_tokens,
+            temperature,
+            top_p,
             use_generate=self.use_generate,
         )

@@ -1,6 +1,8 @@
-"""The project's errors: each is a problem the user can fix, raised with one paragraph naming
-the file, row, key or value and what to do. ``train.py`` and ``evaluate`` print the paragraph
-instead of a traceback."""
+"""The project's errors, each a problem the user can fix.
+
+Each is raised with one paragraph naming the file, row, key or value and what to do;
+``train.py`` and ``evaluate`` print the paragraph instead of a traceback.
+"""
 
 
 class DataError(ValueError):

@@ -29,7 +29,7 @@ from lightning_caopd.callbacks import MetricsWriter
 from lightning_caopd.checkpointing import load_checkpoint_file
 from lightning_caopd.errors import USER_ERRORS
 from lightning_caopd.module import StudentSystem
-from lightning_caopd.runner import build_datamodule, build_student, prepare_base
+from lightning_caopd.runner import build_datamodule, build_student, pin_cpu_isa, prepare_base
 
 SPLITS = ("eval", "train", "all")
 _MODEL_KEYS = ("pretrained_model_name_or_path", "gguf", "path")  # how a model config names it
@@ -71,6 +71,7 @@ def evaluate(cfg: DictConfig) -> dict:
     """
     if cfg.split not in SPLITS:
         raise ValueError(f"split={cfg.split!r}: choose one of {SPLITS}.")
+    pin_cpu_isa(cfg.get("cpu_isa"))  # before the first tensor operation
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,9 @@
-"""Atomic writes: every file and folder a run produces is written beside its destination and
-renamed over it, so a kill or a full disk mid-write leaves the previous version whole (or
+"""Atomic writes: every file and folder a run produces is written beside its destination.
+
+It is then renamed over it, so a kill or a full disk mid-write leaves the previous version whole (or
 nothing), never a truncated file. Checkpoints, ``metrics.json``, the toy base and the converted
-GGUF model all go through here."""
+GGUF model all go through here.
+"""
 
 from __future__ import annotations
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 
 from transformers import (
@@ -92,6 +91,7 @@ def convert(source: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
     model = AutoModelForCausalLM.from_config(loaded.config)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
+
     # A per-process temporary folder, renamed into place: concurrent conversions (one per
     # DDP rank) never see half-written files, and the first rename wins.
     def write(folder: Path) -> None:
@@ -100,7 +100,9 @@ def convert(source: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
 
     atomic_write_dir(cache, write, replace=False)
     if not (cache / "config.json").is_file():
-        raise FileExistsError(f"{cache} exists but holds no converted model; delete it and run again.")
+        raise FileExistsError(
+            f"{cache} exists but holds no converted model; delete it and run again."
+        )
     return cache
 
 

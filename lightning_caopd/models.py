@@ -12,7 +12,6 @@ import logging
 from pathlib import Path
 
 import torch
-from lightning_caopd.files import atomic_write_dir
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -23,6 +22,8 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+
+from lightning_caopd.files import atomic_write_dir
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +147,11 @@ def apply_lora(
             "model.lora needs peft: pip install -e '.[lora]' (or set model.lora=null)."
         ) from e
     config = LoraConfig(
-        r=r, lora_alpha=alpha, target_modules=list(target_modules) if target_modules else None,
-        lora_dropout=dropout, task_type="CAUSAL_LM",
+        r=r,
+        lora_alpha=alpha,
+        target_modules=list(target_modules) if target_modules else None,
+        lora_dropout=dropout,
+        task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
 
@@ -167,6 +171,7 @@ class AdapterDisabledTeacher:
         self.model = model
 
     def __call__(self, *args, **kwargs):
+        """The student's forward with the adapter disabled, in eval mode."""
         was_training = self.model.training
         self.model.eval()  # the frozen teacher never runs dropout
         try:
@@ -188,8 +193,8 @@ def make_teacher(
 
     Self-distilling, the teacher is a deep copy of the student, or, when the student carries a
     LoRA adapter, the student itself with the adapter disabled (`AdapterDisabledTeacher`, no
-    copy). A copied or separate teacher is put in eval mode and has `requires_grad` off;
-    Lightning warns about modules in eval mode inside a training module, which is expected here.
+    copy). A copied or separate teacher is put in eval mode and has `requires_grad` off
+    (`DistillationModule.on_fit_start` keeps Lightning's eval-mode warning from counting it).
     """
     if teacher is None and is_lora(student):
         return AdapterDisabledTeacher(student)
@@ -199,7 +204,9 @@ def make_teacher(
     return teacher
 
 
-def check_same_tokenizer(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase) -> None:
+def check_same_tokenizer(
+    student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase
+) -> None:
     """Raise a clear error when student and teacher tokenizers differ.
 
     Token-level distillation compares next-token distributions position by position, so both
@@ -214,7 +221,9 @@ def check_same_tokenizer(student_tok: PreTrainedTokenizerBase, teacher_tok: PreT
         )
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> Path:
+def save_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path
+) -> Path:
     """Save model and tokenizer with `save_pretrained`, via a temporary folder then a rename."""
 
     def write(folder: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 
@@ -67,7 +68,9 @@ class StudentSystem(L.LightningModule):
         eval: dict | None = None,  # noqa: A002 - the config key users write
     ) -> None:
         super().__init__()
-        self.student, self.tokenizer, self.task = student, tokenizer, task
+        # from_pretrained returns a model in eval mode; the student trains in train mode
+        # (Lightning switches it to eval for the validation loop and back)
+        self.student, self.tokenizer, self.task = student.train(), tokenizer, task
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.eval_cfg = {**EVAL_DEFAULTS, **(eval or {})}
         self.val_metrics = CalibrationMetrics(categories=list(task.categories))
@@ -81,7 +84,10 @@ class StudentSystem(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:  # noqa: D102
         # Lightning saves weights, optimizer, scheduler, loop progress and callback states; the
@@ -97,7 +103,10 @@ class StudentSystem(L.LightningModule):
 
     def validation_step(self, batch: list[dict], batch_idx: int) -> None:  # noqa: D102
         out = evaluate_items(
-            self.student, self.tokenizer, self.task, batch,
+            self.student,
+            self.tokenizer,
+            self.task,
+            batch,
             max_new_tokens=self.eval_cfg["max_new_tokens"],
             max_prompt_length=self.eval_cfg.get("max_prompt_length"),
             do_sample=self.eval_cfg["do_sample"],
@@ -129,8 +138,11 @@ class StudentSystem(L.LightningModule):
         scalars = {f"val/{k}": float(v) for k, v in result.items() if isinstance(v, int | float)}
         for cat, vals in result["by_category"].items():
             scalars.update(
-                {f"val/by_category/{cat}/{k}": float(v) for k, v in vals.items()
-                 if isinstance(v, int | float)}
+                {
+                    f"val/by_category/{cat}/{k}": float(v)
+                    for k, v in vals.items()
+                    if isinstance(v, int | float)
+                }
             )
         self.log_dict(scalars, sync_dist=False)  # already synced by the metrics
 
@@ -180,8 +192,12 @@ class DistillationModule(StudentSystem):
         self.targets = targets or ConfidenceTargets()
         self.targets.check(self.rollout.num_rollouts)
         self.save_hyperparameters(
-            {"name": name, "rollout": asdict(self.rollout), "loss": asdict(self.loss),
-             "eval": self.eval_cfg}
+            {
+                "name": name,
+                "rollout": asdict(self.rollout),
+                "loss": asdict(self.loss),
+                "eval": self.eval_cfg,
+            }
         )
         self.teacher = make_teacher(student, teacher)
         self.template = template
@@ -189,26 +205,49 @@ class DistillationModule(StudentSystem):
         self.engine.attach(tokenizer)
         self._engine_step = -1  # the optimizer step the engine's weights are from
 
+    def on_fit_start(self) -> None:  # noqa: D102
+        # The frozen teacher sits in eval mode on purpose, and Lightning warns about every module
+        # in eval mode at the start of training: silence the warning for exactly the teacher's
+        # modules, so that it still fires when anything else (the student) is in eval mode.
+        if isinstance(self.teacher, torch.nn.Module):
+            n = sum(1 for m in self.teacher.modules() if not m.training)
+            warnings.filterwarnings(
+                "ignore", message=rf"Found {n} module\(s\) in eval mode at the start of training"
+            )
+
     def training_step(self, batch: list[dict], batch_idx: int) -> dict | None:
         """One OPD step, following the paper's algorithm box."""
         start = time.perf_counter()
         batch, prompts, n_cut = self.student_prompts(batch)
         if not batch:  # every prompt too long: no loss, no update (Lightning skips the step)
             return None
-        roll = self.sample_rollouts(prompts)                                        # 1. rollouts
-        correct, p_acc = self.verify(batch, roll.texts)                             # 2. verify
+        roll = self.sample_rollouts(prompts)  # 1. rollouts
+        correct, p_acc = self.verify(batch, roll.texts)  # 2. verify
         completions = self.targets.apply(roll.completions, p_acc, self.tokenizer)  # 3. targets
         teacher_prompts, fallbacks, n_cut_t = self.teacher_prompts(batch, roll, correct, p_acc)
         loss, per_token, mask, student_logits = self.divergence(  # 4. teacher, 5. divergence
             prompts, teacher_prompts, completions
         )
-        self.log_step(                                                              # 6. log
-            batch, roll, correct, p_acc, loss, per_token, mask,
-            fallbacks / len(batch), n_cut + n_cut_t, time.perf_counter() - start,
+        self.log_step(  # 6. log
+            batch,
+            roll,
+            correct,
+            p_acc,
+            loss,
+            per_token,
+            mask,
+            fallbacks / len(batch),
+            n_cut + n_cut_t,
+            time.perf_counter() - start,
         )
         return {  # the loss, and what the callbacks log from the step (detached)
-            "loss": loss, "items": batch, "texts": roll.texts, "correct": correct,
-            "p_acc": p_acc, "completions": completions, "logits": student_logits.detach(),
+            "loss": loss,
+            "items": batch,
+            "texts": roll.texts,
+            "correct": correct,
+            "p_acc": p_acc,
+            "completions": completions,
+            "logits": student_logits.detach(),
         }
 
     def student_prompts(self, batch: list[dict]) -> tuple[list[dict], list[list[int]], int]:
@@ -235,20 +274,26 @@ class DistillationModule(StudentSystem):
         """(B*K,) verdicts of the rollouts and (B,) P_acc, the share correct per prompt."""
         k = self.rollout.num_rollouts
         items = [it for it in batch for _ in range(k)]
-        correct = torch.tensor([self.task.verify(t, it) for t, it in zip(texts, items, strict=True)])
+        correct = torch.tensor(
+            [self.task.verify(t, it) for t, it in zip(texts, items, strict=True)]
+        )
         return correct, empirical_accuracy(correct, k)
 
     def teacher_prompts(
         self, batch: list[dict], roll: Rollouts, correct: torch.Tensor, p_acc: torch.Tensor
     ) -> tuple[list[list[int]], int, int]:
-        """The teacher's prompts: the student's chat with the privileged context (from the
-        template, through the confidence-target policy). Also returns how many groups fell back
-        to the demonstration and how many prompts were cut."""
+        """The teacher's prompts: the student's chat with the privileged context.
+
+        The context comes from the template, through the confidence-target policy. Also returns
+        how many groups fell back to the demonstration and how many prompts were cut.
+        """
         k = self.rollout.num_rollouts
         chats, fallbacks = [], 0
         for b, item in enumerate(batch):
             group = slice(b * k, (b + 1) * k)
-            context, fell_back = self.template.context(item, roll.texts[group], correct[group].tolist())
+            context, fell_back = self.template.context(
+                item, roll.texts[group], correct[group].tolist()
+            )
             fallbacks += fell_back
             p = p_acc[b].item()
             context, note = self.targets.teacher_context(context, p), self.targets.teacher_note(p)
@@ -257,18 +302,27 @@ class DistillationModule(StudentSystem):
         return prompts, fallbacks, n_cut
 
     def divergence(
-        self, prompts: list[list[int]], teacher_prompts: list[list[int]], completions: list[list[int]]
+        self,
+        prompts: list[list[int]],
+        teacher_prompts: list[list[int]],
+        completions: list[list[int]],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The loss: the divergence between teacher and student next-token distributions on the
-        completions. Returns the loss, the (B*K, T) per-token divergence, the loss mask and the
-        student's (B*K, T, V) logits."""
+        """The divergence between teacher and student next-token distributions on completions.
+
+        Returns the loss, the (B*K, T) per-token divergence, the loss mask and the student's
+        (B*K, T, V) logits.
+        """
         with torch.no_grad():
             teacher_logits, _ = self.completion_logits(self.teacher, teacher_prompts, completions)
         student_logits, completion_mask = self.completion_logits(self.student, prompts, completions)
         mask = skip_first_tokens(completion_mask, self.loss.skip_first_tokens)
         loss, per_token = divergence_loss(
-            student_logits, teacher_logits, mask, kind=self.loss.divergence,
-            beta=self.loss.jsd_beta, chunk_size=self.loss.chunk_size,
+            student_logits,
+            teacher_logits,
+            mask,
+            kind=self.loss.divergence,
+            beta=self.loss.jsd_beta,
+            chunk_size=self.loss.chunk_size,
         )
         del teacher_logits  # free (B*K, T, V) before backward
         return loss, per_token, mask, student_logits

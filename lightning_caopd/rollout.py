@@ -36,7 +36,9 @@ def encode_chats(
     """
     if overflow not in ("truncate", "skip"):
         raise ValueError(f"The prompt overflow mode must be 'truncate' or 'skip'; got {overflow!r}")
-    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+    texts = [
+        tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats
+    ]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     over = 0
     if max_length is not None:
@@ -156,8 +158,11 @@ def decode(
             break
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         out = model(
-            input_ids=token[:, None], attention_mask=mask, position_ids=next_pos,
-            cache=out.cache, use_cache=True,
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=next_pos,
+            cache=out.cache,
+            use_cache=True,
         )
         next_pos = next_pos + 1
     return torch.stack(tokens, dim=1) if tokens else ids.new_zeros(ids.shape[0], 0)
@@ -209,8 +214,17 @@ def sample(
             **(sampling if do_sample else {"do_sample": False}),
         )[:, ids.shape[1] :]
     else:
-        new = decode(model, ids, mask, max_new_tokens, tokenizer.eos_token_id,
-                     tokenizer.pad_token_id, temperature, top_p, do_sample)
+        new = decode(
+            model,
+            ids,
+            mask,
+            max_new_tokens,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+            temperature,
+            top_p,
+            do_sample,
+        )
     model.train(was_training)
     new = new.cpu()  # (B*K, T)
     keep = completion_mask(new, [tokenizer.eos_token_id])

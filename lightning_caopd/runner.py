@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import lightning as L
@@ -20,6 +22,8 @@ from lightning_caopd.checkpointing import keep_previous_logs
 from lightning_caopd.errors import ResumeError
 from lightning_caopd.loggers import finish_loggers
 
+log = logging.getLogger(__name__)
+
 
 def resolved_config(cfg: DictConfig) -> dict:
     """The run's config as plain, resolved Python (Hydra's own node left out)."""
@@ -30,16 +34,51 @@ def resolved_config(cfg: DictConfig) -> dict:
     }
 
 
+def pin_cpu_isa(isa: str | None) -> None:
+    """Make torch's CPU kernels use the instruction set `isa` (``avx2``), for numbers that do not
+    depend on the machine.
+
+    Vectorised kernels (softmax, attention) round differently with AVX-512 than with AVX2, and
+    over a training run the difference grows: the embedded default's warm-up gives another base
+    student on an AVX-512 CPU. Pinning AVX2 gives every x86 CPU with AVX2 the same numbers. It
+    must happen before the process's first tensor operation (torch reads the setting once); a
+    process that already ran one (a test session) keeps its kernels and is told so.
+
+    Args:
+        isa: ``avx2`` (or ``default``, ``avx512``); None leaves torch's choice.
+    """
+    if not isa:
+        return
+    os.environ["ATEN_CPU_CAPABILITY"] = isa.lower()
+    os.environ.setdefault("MKL_ENABLE_INSTRUCTIONS", isa.upper())
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", isa.upper())
+    got = torch.backends.cpu.get_cpu_capability()
+    if got.lower() != isa.lower() and isa.lower() != "default":
+        log.warning(
+            "cpu_isa=%s could not be applied: this process already uses %s kernels, so its "
+            "numbers may differ from a fresh run's. Start the run in a new process, or set "
+            "ATEN_CPU_CAPABILITY=%s in the environment.",
+            isa,
+            got,
+            isa.lower(),
+        )
+
+
 def prepare_base(cfg: DictConfig) -> None:
-    """Load-or-build step: a model config with a ``base`` entry (the toy base) names the target
-    that makes sure its weights exist, building them on first use (it prints what it does)."""
+    """The load-or-build step of a model config with a ``base`` entry (the toy base).
+
+    The entry names the target that makes sure the weights exist, building them on first use;
+    it prints what it does.
+    """
     if cfg.model.get("base") is not None:
         instantiate(cfg.model.base)
 
 
 def build_student(cfg: DictConfig):
-    """The tokenizer, the student (with its LoRA adapter when ``model.lora`` is set) and the
-    task, from ``cfg.model`` and ``cfg.data.task``."""
+    """The tokenizer, the student and the task, from ``cfg.model`` and ``cfg.data.task``.
+
+    The student carries its LoRA adapter when ``model.lora`` is set.
+    """
     tokenizer = instantiate(cfg.model.tokenizer)
     student = instantiate(cfg.model.student)
     if cfg.model.get("lora") is not None:  # only the adapter trains; the teacher is the base
@@ -57,8 +96,7 @@ def build_datamodule(cfg: DictConfig):
 
 
 def build(cfg: DictConfig):
-    """The LightningModule ``cfg.method`` names, over the configured student, teacher and task,
-    and the DataModule."""
+    """The LightningModule ``cfg.method`` names (over student, teacher, task) and the data."""
     tokenizer, student, task = build_student(cfg)
     extra = {}
     if cfg.model.get("teacher") is not None:
@@ -123,6 +161,7 @@ def metrics_writer(trainer: L.Trainer) -> MetricsWriter:
 
 def run(cfg: DictConfig) -> dict:
     """Run the experiment `cfg` describes and return what it wrote to metrics.json."""
+    pin_cpu_isa(cfg.get("cpu_isa"))  # before the first tensor operation
     if cfg.get("threads"):
         torch.set_num_threads(cfg.threads)
     prepare_base(cfg)

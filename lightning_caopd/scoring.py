@@ -1,5 +1,8 @@
-"""Scoring a model on held-out items: answers, confidences and token entropies (greedy, no
-privileged context); the LightningModules' validation step calls `evaluate_items`."""
+"""Scoring a model on held-out items: answers, confidences and token entropies.
+
+Greedy and without privileged context; the LightningModules' validation step calls
+`evaluate_items`.
+"""
 
 from __future__ import annotations
 
@@ -52,18 +55,22 @@ def evaluate_items(
     temperature: float = 1.0,
 ) -> EvalBatch:
     """Answer `items` without privileged context and score every answer and confidence."""
-    prompts, _ = encode_chats(tokenizer, [task.student_messages(it) for it in items], max_prompt_length)
-    roll = sample(
-        model, tokenizer, prompts, 1, max_new_tokens, temperature, do_sample=do_sample
+    prompts, _ = encode_chats(
+        tokenizer, [task.student_messages(it) for it in items], max_prompt_length
     )
+    roll = sample(model, tokenizer, prompts, 1, max_new_tokens, temperature, do_sample=do_sample)
     conf = torch.tensor(
         [c if (c := parse_confidence(t)) is not None else float("nan") for t in roll.texts]
     )
     correct = torch.tensor([task.verify(t, it) for t, it in zip(roll.texts, items, strict=True)])
     cats = list(task.categories)
-    category = torch.tensor([cats.index(it["category"]) if it["category"] in cats else -1 for it in items])
+    category = torch.tensor(
+        [cats.index(it["category"]) if it["category"] in cats else -1 for it in items]
+    )
 
-    batch = build_batch(prompts, roll.completions, tokenizer.pad_token_id, next(model.parameters()).device)
+    batch = build_batch(
+        prompts, roll.completions, tokenizer.pad_token_id, next(model.parameters()).device
+    )
     ent = token_entropy(completion_logits(model, batch)).cpu()  # (N, T)
     a_sum = a_n = c_sum = c_n = 0.0
     records = []

@@ -1,6 +1,9 @@
-"""The method's knobs, grouped as a user looks for them: rollouts (``method.rollout``) and the
-loss (``method.loss``). Each group is checked when it is built, so a bad value stops the run at
-start-up with one sentence naming the key, the value and what is allowed."""
+"""The method's knobs, grouped as a user looks for them.
+
+Rollouts (``method.rollout``) and the loss (``method.loss``). Each group is checked when it is
+built, so a bad value stops the run at start-up with one sentence naming the key, the value
+and what is allowed.
+"""
 
 from __future__ import annotations
 

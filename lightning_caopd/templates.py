@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lightning_caopd.confidence import strip_confidence
+from lightning_caopd.tasks.base import last_user_index
 
 SOURCES = ("demo", "correct_solution")
 
@@ -77,7 +78,7 @@ class TeacherTemplate:
 
     def messages(self, student_messages: list[dict], context: str, note: str = "") -> list[dict]:
         """Teacher chat: the student's messages with the context in the last user turn."""
-        last_user = max(i for i, m in enumerate(student_messages) if m["role"] == "user")
+        last_user = last_user_index(student_messages)
         out = [dict(m) for m in student_messages]
         out[last_user]["content"] = self.user_format.format(
             prompt=student_messages[last_user]["content"],

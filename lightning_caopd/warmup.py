@@ -62,7 +62,9 @@ def warmup_examples(
             chat = template.messages(student, with_confidence(item["demo"], line), note)
             examples.append((chat, f"{item['demo']}\n{line}"))
             continue
-        if item["category"] == "prev" and not prev_in_warmup(world_seed, item["messages"][0]["content"][-1]):
+        if item["category"] == "prev" and not prev_in_warmup(
+            world_seed, item["messages"][0]["content"][-1]
+        ):
             continue
         c = rng.choice(BASE_CONFIDENCES[item["category"]])
         examples.append((student, f"{item['demo']}\nConfidence: {c:.2f}"))
@@ -99,7 +101,11 @@ class SFTDataset(Dataset):
 
 
 def build_dataset(
-    n: int, seed: int, world_seed: int, confidence_instruction: str, instruction_role: str = "system"
+    n: int,
+    seed: int,
+    world_seed: int,
+    confidence_instruction: str,
+    instruction_role: str = "system",
 ) -> SFTDataset:
     """The warm-up's tokenized examples, for the character tokenizer and default templates."""
     task = ToyTask(confidence_instruction, instruction_role)
@@ -136,17 +142,21 @@ class WarmupModule(StudentSystem):
         self.save_hyperparameters({"name": name, "save_dir": str(save_dir), "eval": self.eval_cfg})
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Cross-entropy on the target tokens (labels are -100 elsewhere)."""
         loss = self.student(**batch).loss
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def on_fit_end(self) -> None:
+        """Save the trained base (rank 0)."""
         if self.trainer.is_global_zero:
             path = save_model(self.student, self.tokenizer, Path(self.hparams.save_dir))
             print(f"Saved the toy base student to {path}")
 
 
-def load_or_build_toy_base(path: str, experiment: str = "toy_base", overrides: dict | None = None) -> str:
+def load_or_build_toy_base(
+    path: str, experiment: str = "toy_base", overrides: dict | None = None
+) -> str:
     """The load-or-build step of the toy base student (``model.base`` in ``conf/model/tiny.yaml``).
 
     When `path` holds no saved model, runs the warm-up experiment once (``python train.py
@@ -170,9 +180,14 @@ def load_or_build_toy_base(path: str, experiment: str = "toy_base", overrides: d
     if (target / "config.json").is_file():
         print(f"Toy base: loading {target}")
         return path
-    args = [f"experiment={experiment}", f"paths.output_dir={target}.run", f"method.save_dir={target}"]
+    args = [
+        f"experiment={experiment}",
+        f"paths.output_dir={target}.run",
+        f"method.save_dir={target}",
+    ]
     args += [f"{k}={v}" for k, v in _flatten(dict(overrides or {}))]
-    print(f"Toy base: {target} does not exist yet; building it once with `python train.py {' '.join(args)}`.")
+    command = f"python train.py {' '.join(args)}"
+    print(f"Toy base: {target} does not exist yet; building it once with `{command}`.")
     if GlobalHydra.instance().is_initialized():  # inside train.py / evaluate: their config dir
         run(compose(config_name="train", overrides=args))
     else:

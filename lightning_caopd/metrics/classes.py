@@ -285,9 +285,7 @@ class ExpectedCalibrationError(_CalibrationMetric):
 
     higher_is_better = False
 
-    def __init__(
-        self, n_bins: int = 10, strategy: F.Strategy = "uniform", **kwargs: Any
-    ) -> None:
+    def __init__(self, n_bins: int = 10, strategy: F.Strategy = "uniform", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not isinstance(n_bins, int) or n_bins < 1:
             raise ValueError(f"`n_bins` must be a positive int, got {n_bins!r}.")
@@ -367,6 +365,9 @@ class ExpectedCalibrationError(_CalibrationMetric):
             ``(fig, ax)``, like torchmetrics' plot API.
         """
         return plot_reliability_diagram(
-            self.reliability_table(), float(self.compute()), ax=ax, title=title,
+            self.reliability_table(),
+            float(self.compute()),
+            ax=ax,
+            title=title,
             strategy=self.strategy,
         )

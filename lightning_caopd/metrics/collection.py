@@ -186,8 +186,9 @@ class CalibrationMetrics(nn.Module):
         return result
 
     def reliability_bins(self) -> dict[str, list]:
-        """The overall reliability diagram's bins as JSON-ready lists (None for an empty bin's
-        means), as ``metrics.json`` keeps them under ``reliability``.
+        """The overall reliability diagram's bins as JSON-ready lists.
+
+        None stands for an empty bin's means; ``metrics.json`` keeps them under ``reliability``.
 
         Under DDP every rank must call this: the bins are gathered.
         """

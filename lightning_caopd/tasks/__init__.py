@@ -1,0 +1,1 @@
+"""The domains: the toy world, science multiple choice and tool use (items, verifiers)."""

@@ -5,6 +5,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 
+def last_user_index(messages: list[dict]) -> int:
+    """The index of the last user turn of a chat (where instructions and contexts go)."""
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i]["role"] == "user":
+            return i
+    raise ValueError(f"The chat has no user turn: {[m['role'] for m in messages]}.")
+
+
 class Task(ABC):
     """A domain: its items' prompts, their verifier and their answer parser.
 
@@ -40,7 +48,7 @@ class Task(ABC):
             else:
                 out.insert(0, {"role": "system", "content": text})
             return out
-        last_user = max(i for i, m in enumerate(out) if m["role"] == "user")
+        last_user = last_user_index(out)
         out[last_user]["content"] = f"{out[last_user]['content']}\n{text}"
         return out
 

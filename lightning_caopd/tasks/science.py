@@ -133,14 +133,23 @@ def _chat(value, source: str, index: int, field: str) -> list[dict]:
     """A chat list (or a bare string as one user turn) as plain ``{role, content}`` dicts."""
     if isinstance(value, str) and value.strip():
         return [{"role": "user", "content": value}]
-    ok = isinstance(value, list) and value and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in value
+    ok = (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in value
+        )
     )
     if not ok:
         raise row_error(
-            source, index, field, "is not a chat list",
-            "It must be a non-empty list of {\"role\": ..., \"content\": ...} messages.",
+            source,
+            index,
+            field,
+            "is not a chat list",
+            'It must be a non-empty list of {"role": ..., "content": ...} messages.',
         )
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
@@ -178,14 +187,20 @@ def row_to_item(row: dict, index: int, source: str) -> dict:
     raw = _raw_answer(row)
     if raw is None or not str(raw).strip():
         raise row_error(
-            source, index, "answer", "is missing or empty",
-            "Every row needs the correct option letter (e.g. \"answer\": \"B\"); fix the row "
+            source,
+            index,
+            "answer",
+            "is missing or empty",
+            'Every row needs the correct option letter (e.g. "answer": "B"); fix the row '
             "or remove it.",
         )
     answer = _choice(str(raw))
     if answer is None:
         raise row_error(
-            source, index, "answer", f"is {str(raw)[:40]!r}, not an option letter",
+            source,
+            index,
+            "answer",
+            f"is {str(raw)[:40]!r}, not an option letter",
             "Give the letter of the correct option (A, B, C, ...), not the option's text.",
         )
     if row.get("prompt"):
@@ -198,8 +213,11 @@ def row_to_item(row: dict, index: int, source: str) -> dict:
         messages, tail = messages[:cut], messages[cut:]
     else:
         raise row_error(
-            source, index, "prompt", "is missing (and so is 'messages')",
-            "Give the question as a chat list [system, user] under \"prompt\".",
+            source,
+            index,
+            "prompt",
+            "is missing (and so is 'messages')",
+            'Give the question as a chat list [system, user] under "prompt".',
         )
     if not any(m["role"] == "user" for m in messages):
         raise row_error(

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from lightning_caopd.data.loading import row_error
 from lightning_caopd.errors import DataError
-from lightning_caopd.tasks.base import Task
+from lightning_caopd.tasks.base import Task, last_user_index
 
 _ACTION = re.compile(r"^[ \t>*_]*Action[ \t*_]*:[ \t]*(.*)$", re.MULTILINE | re.IGNORECASE)
 _ACTION_INPUT = re.compile(r"Action[ _]Input[ \t*_]*:", re.IGNORECASE)
@@ -253,7 +253,10 @@ def row_to_item(row: dict, index: int, source: str) -> dict:
     golden = row.get("golden_answer")
     if golden is None or golden == "" or golden == []:
         raise row_error(
-            source, index, "golden_answer", "is missing or empty",
+            source,
+            index,
+            "golden_answer",
+            "is missing or empty",
             'Every row needs the expected calls, e.g. [{"Action": "getX", "Action_Input": '
             '"{}"}]; fix the row or remove it.',
         )
@@ -268,8 +271,11 @@ def row_to_item(row: dict, index: int, source: str) -> dict:
     prompt = row.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise row_error(
-            source, index, "prompt", "is missing or not a string",
-            "Give the tool documentation and question as one string under \"prompt\".",
+            source,
+            index,
+            "prompt",
+            "is missing or not a string",
+            'Give the tool documentation and question as one string under "prompt".',
         )
     response = row.get("golden_response")
     if isinstance(response, list):
@@ -317,7 +323,7 @@ class ToolUseTask(Task):
         out = [dict(m) for m in item["messages"]]
         if not self.confidence_instruction:
             return out
-        last_user = max(i for i, m in enumerate(out) if m["role"] == "user")
+        last_user = last_user_index(out)
         text = out[last_user]["content"]
         if _BEGIN in text:
             text = text.replace(_BEGIN, f"\n{self.confidence_instruction}{_BEGIN}", 1)

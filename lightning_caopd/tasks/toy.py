@@ -96,7 +96,9 @@ class ToyTask(Task):
     categories = FAMILIES
 
     def __init__(
-        self, confidence_instruction: str = "Say Answer and Confidence.", instruction_role: str = "system"
+        self,
+        confidence_instruction: str = "Say Answer and Confidence.",
+        instruction_role: str = "system",
     ) -> None:
         super().__init__(confidence_instruction, instruction_role)
 
