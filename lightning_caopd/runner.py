@@ -35,8 +35,7 @@ def resolved_config(cfg: DictConfig) -> dict:
 
 
 def pin_cpu_isa(isa: str | None) -> None:
-    """Make torch's CPU kernels use the instruction set `isa` (``avx2``), for numbers that do not
-    depend on the machine.
+    """Make torch's CPU kernels use the instruction set `isa`, so numbers do not depend on the CPU.
 
     Vectorised kernels (softmax, attention) round differently with AVX-512 than with AVX2, and
     over a training run the difference grows: the embedded default's warm-up gives another base
