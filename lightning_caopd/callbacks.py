@@ -279,9 +279,13 @@ class RolloutTable(Callback):
             )
         self.every, self.rows = every, rows
         self._last_step = -1
+        self._step = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: D102
+        self._step = trainer.global_step  # the step the rollouts belong to (as train/loss)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
-        step = trainer.global_step
+        step = self._step
         if not isinstance(outputs, dict) or "texts" not in outputs:
             return  # not a distillation step (the warm-up's steps return only a loss)
         if not self.every or step % self.every or step == self._last_step:

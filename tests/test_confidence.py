@@ -1,9 +1,13 @@
+"""Confidence parsing, spans and stripping (`lightning_caopd.confidence`), on good and bad text."""
+
 import doctest
 
 import pytest
 
 from lightning_caopd import confidence
 from lightning_caopd.confidence import confidence_span, parse_confidence, strip_confidence
+from lightning_caopd.tasks import science
+from lightning_caopd.tasks.toy import ToyTask
 
 
 @pytest.mark.parametrize(
@@ -153,3 +157,23 @@ def test_doctests():
     result = doctest.testmod(confidence)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+BAD_TEXTS = [
+    "",
+    "   ",
+    "Answer:",
+    "Answer: q",
+    "Confidence:",
+    "Answer: q\nConfidence: lots",
+    "Answer: q\nConfid",
+    "\ufffd\ufffdAnswer: \ufffd\nConfidence: \ufffd",
+]
+
+
+@pytest.mark.parametrize("text", BAD_TEXTS)
+def test_bad_completions_are_wrong_and_unparseable(text):
+    toy_item = {"answer": "l", "family": "next"}
+    assert ToyTask().verify(text, toy_item) is False
+    assert parse_confidence(text) is None
+    assert science.ScienceTask().verify(text, {"answer": "B", "options": ["a", "b"]}) is False

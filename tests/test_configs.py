@@ -2,7 +2,8 @@
 
 Nothing is instantiated (no weights are loaded): each `_target_` is located and its keyword
 arguments are bound to its signature, so a renamed or misspelt argument fails here rather than
-at the start of a long run.
+at the start of a long run. The sweep configs, the paper's experiments and its model configs
+carry the values the paper's runs need.
 """
 
 from __future__ import annotations
@@ -15,16 +16,26 @@ import pytest
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from tests.conftest import CONF_DIR, compose_cfg
+from tests.fixtures.configs import CONF_DIR
 
 GROUPS = [
-    "model", "data", "method", "trainer", "logger", "callbacks", "paths", "experiment", "debug"
+    "model",
+    "data",
+    "method",
+    "trainer",
+    "logger",
+    "callbacks",
+    "paths",
+    "experiment",
+    "debug",
 ]
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 # Hydra plugins behind the `sweep` extra
-PLUGINS = {"launcher/joblib_local": "hydra_plugins.hydra_joblib_launcher",
-           "launcher/slurm": "hydra_plugins.hydra_submitit_launcher",
-           "sweeper/optuna_lr_k": "hydra_plugins.hydra_optuna_sweeper"}
+PLUGINS = {
+    "launcher/joblib_local": "hydra_plugins.hydra_joblib_launcher",
+    "launcher/slurm": "hydra_plugins.hydra_submitit_launcher",
+    "sweeper/optuna_lr_k": "hydra_plugins.hydra_optuna_sweeper",
+}
 
 
 def _options(group: str) -> list[str]:
@@ -71,21 +82,69 @@ def _check_binds(cfg: DictConfig) -> int:
 @pytest.mark.parametrize(
     "override", [f"{g}={o}" for g in GROUPS for o in _options(g)], ids=lambda s: s
 )
-def test_config_composes_and_binds(override, tmp_path):
-    cfg = compose_cfg([override], tmp_path)
+def test_config_composes_and_binds(override, make_cfg, tmp_path):
+    cfg = make_cfg([override], tmp_path)
     OmegaConf.to_container(cfg, resolve=False)  # every node is valid YAML/OmegaConf
     assert _check_binds(cfg) >= 4  # model, data, method and trainer at the least
 
 
 @pytest.mark.parametrize("option", sorted(PLUGINS))
-def test_hydra_plugin_configs_compose(option, tmp_path):
+def test_hydra_plugin_configs_compose(option, make_cfg, tmp_path):
     importlib.import_module(PLUGINS[option])  # the `sweep` extra, which `make test` installs
     group, name = option.split("/")
-    cfg = compose_cfg([f"hydra/{group}={name}"], tmp_path)
+    cfg = make_cfg([f"hydra/{group}={name}"], tmp_path)
     assert cfg.hydra[group]._target_
 
 
-def test_bind_check_catches_a_wrong_argument(tmp_path):
-    cfg = compose_cfg(["method=opd", "+method.num_rolouts=4"], tmp_path)  # misspelt
+def test_bind_check_catches_a_wrong_argument(make_cfg, tmp_path):
+    cfg = make_cfg(["method=opd", "+method.num_rolouts=4"], tmp_path)  # misspelt
     with pytest.raises(AssertionError, match="num_rolouts"):
         _check_binds(cfg)
+
+
+@pytest.mark.parametrize(
+    "choice", ["hydra/launcher=joblib_local", "hydra/launcher=slurm", "hydra/sweeper=optuna_lr_k"]
+)
+def test_sweep_configs_compose(choice, make_cfg, tmp_path):
+    cfg = make_cfg([choice], tmp_path)
+    group = choice.split("=")[0].split("/")[1]
+    node = cfg.hydra[group]
+    assert node._target_.startswith("hydra_plugins.")
+    if group == "sweeper":
+        assert set(node.params) == {"method.optimizer.lr", "method.rollout.num_rollouts"}
+        assert node.sampler.seed == cfg.seed
+
+
+@pytest.mark.parametrize(
+    "experiment", ["opd_science", "caopd_science", "opd_tooluse", "caopd_tooluse"]
+)
+def test_experiments_carry_the_paper_hyper_parameters(experiment, make_cfg, tmp_path):
+    cfg = make_cfg([f"experiment={experiment}", "data.path=x"], tmp_path)
+    m = cfg.method
+    assert (m.rollout.num_rollouts, m.optimizer.lr, m.loss.divergence) == (8, 2e-5, "forward_kl")
+    assert cfg.callbacks.teacher_ema.rate == 0.01
+    r = m.rollout
+    assert (m.loss.skip_first_tokens, r.max_prompt_length, r.max_new_tokens) == (3, 1024, 1024)
+    assert cfg.data.batch_size * cfg.trainer.accumulate_grad_batches == 32
+    assert m.targets._target_.endswith("CaOPD") == experiment.startswith("caopd")
+    assert cfg.data.task._target_.endswith(
+        "ScienceTask" if "science" in experiment else "ToolUseTask"
+    )
+
+
+@pytest.mark.parametrize(
+    "name, hub",
+    [
+        ("qwen3_8b", "Qwen/Qwen3-8B"),
+        ("qwen2_5_7b_instruct", "Qwen/Qwen2.5-7B-Instruct"),
+        ("olmo3_7b_instruct", "allenai/Olmo-3-7B-Instruct"),
+    ],
+)
+def test_paper_model_configs_compose_without_loading(name, hub, make_cfg, tmp_path):
+    cfg = make_cfg(["experiment=caopd_tooluse", f"model={name}", "data.path=x"], tmp_path)
+    assert (
+        cfg.model.student.pretrained_model_name_or_path
+        == hub
+        == cfg.model.tokenizer.pretrained_model_name_or_path
+    )
+    assert cfg.model.student.dtype == "bfloat16" and cfg.model.teacher is None

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from lightning_caopd.runner import build
-from tests.conftest import TINY, compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_EVAL = 23  # odd: a sampler that pads ranks with repeats would score 24 items
@@ -43,14 +42,14 @@ def _ids(path: Path) -> list[list[str]]:
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes_end_to_end(toy_base, tmp_path):
+def test_ddp_two_cpu_processes_end_to_end(toy_base, tiny_overrides, make_cfg, tmp_path):
     run_dir, record_dir = tmp_path / "run", tmp_path / "record"
     record_dir.mkdir()
     overrides = [
         "experiment=opd",
         "trainer=ddp",
         f"model.path={toy_base}",
-        *TINY,
+        *tiny_overrides,
         f"data.num_eval={NUM_EVAL}",
         "callbacks=default",
         "callbacks.progress=null",
@@ -99,7 +98,9 @@ def test_ddp_two_cpu_processes_end_to_end(toy_base, tmp_path):
     # the checkpoint loads into a fresh single-process module
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2
-    cfg = compose_cfg(["experiment=opd", f"model.path={toy_base}", *TINY], tmp_path / "single")
+    cfg = make_cfg(
+        ["experiment=opd", f"model.path={toy_base}", *tiny_overrides], tmp_path / "single"
+    )
     module, _ = build(cfg)
     name = "student.model.layers.0.self_attn.q_proj.weight"
     base = module.state_dict()[name].clone()

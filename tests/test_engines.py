@@ -10,7 +10,6 @@ from lightning_caopd.engines import HFEngine, RolloutEngine
 from lightning_caopd.models import build_char_tokenizer, build_tiny_llama
 from lightning_caopd.rollout import sample
 from lightning_caopd.runner import build
-from tests.conftest import TINY, compose_cfg
 
 
 class CountingEngine(HFEngine):
@@ -61,12 +60,14 @@ def test_hf_engine_is_rollout_sample_on_the_synced_model():
     assert outs["a"] != outs["b"]  # the sync switched the weights sampled from
 
 
-def test_engine_is_chosen_by_config_and_synced_once_per_optimizer_step(toy_base, tmp_path):
-    cfg = compose_cfg(
+def test_engine_is_chosen_by_config_and_synced_once_per_optimizer_step(
+    toy_base, tiny_overrides, make_cfg, tmp_path
+):
+    cfg = make_cfg(
         [
             "experiment=opd",
             f"model.path={toy_base}",
-            *TINY,
+            *tiny_overrides,
             "method.engine._target_=tests.test_engines.CountingEngine",
             "+trainer.accumulate_grad_batches=2",
             "method.rollout.max_new_tokens=8",
@@ -91,8 +92,8 @@ def test_engine_is_chosen_by_config_and_synced_once_per_optimizer_step(toy_base,
     assert engine.synced_at == [0, 1] and engine.model is module.student
 
 
-def test_default_engine_is_hf(toy_base, tmp_path):
-    cfg = compose_cfg(["experiment=caopd", f"model.path={toy_base}", *TINY], tmp_path)
+def test_default_engine_is_hf(toy_base, tiny_overrides, make_cfg, tmp_path):
+    cfg = make_cfg(["experiment=caopd", f"model.path={toy_base}", *tiny_overrides], tmp_path)
     assert cfg.method.engine._target_ == "lightning_caopd.engines.HFEngine"
     module, _ = build(cfg)
     assert type(module.engine) is HFEngine

@@ -56,6 +56,7 @@ def test_hub_name_offline_is_a_clear_error_through_the_datamodule(monkeypatch):
 
 def test_save_to_disk_directory(tmp_path):
     import datasets  # the `real` extra, which `make test` installs
+
     from lightning_caopd.data.loading import read_jsonl
 
     datasets.Dataset.from_list(read_jsonl(TOOLUSE)).save_to_disk(str(tmp_path / "ds"))

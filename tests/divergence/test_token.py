@@ -340,3 +340,14 @@ def test_chunked_gradcheck(kind, beta):
         return token_divergence(s, t, mask, kind=kind, beta=beta, temperature=1.3, chunk_size=2)
 
     assert torch.autograd.gradcheck(fn, (student, teacher))
+
+
+def test_empty_completion_row_adds_nothing_to_the_loss():
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 4, 7, requires_grad=True), torch.randn(3, 4, 7)
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    loss, _ = divergence_loss(s, t, mask)
+    ref, _ = divergence_loss(s[[0, 2]], t[[0, 2]], mask[[0, 2]])
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(ref.item())
+    loss.backward()
+    assert torch.all(s.grad[1] == 0)

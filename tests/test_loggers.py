@@ -1,40 +1,13 @@
-"""Loggers and what they receive: W&B offline run contents, rollout CSV, token-span entropies."""
+"""Loggers (`lightning_caopd.loggers`): a W&B offline run's contents, several loggers at once."""
 
 import csv
 import json
-import math
 import struct
 
 import pytest
-import torch
 
-from lightning_caopd.models import build_char_tokenizer
-from lightning_caopd.runner import run
-from lightning_caopd.callbacks import RolloutTable, rollout_entropies
 from lightning_caopd.loggers import ROLLOUT_COLUMNS
-from tests.conftest import TINY, compose_cfg
-
-
-def test_entropies_split_answer_and_confidence_tokens():
-    tok = build_char_tokenizer()
-    text = "Answer: b\nConfidence: 0.62"
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    conf_start = text.index("0.62")
-    v = len(tok)
-    logits = torch.zeros(2, len(ids), v)  # uniform: entropy log V everywhere
-    # peaked rows on the confidence value's 4 characters of rollout 0: entropy ~ 0 there
-    logits[0, conf_start : conf_start + 4, 0] = 1e4
-    out = rollout_entropies(logits, [ids, ids[: text.index("\n")]], tok)
-    assert out["train/answer_entropy"] == pytest.approx(math.log(v), rel=1e-5)
-    # 4 peaked tokens of rollout 0; rollout 1 was cut before its confidence: it adds none
-    assert out["train/confidence_entropy"] == pytest.approx(0.0, abs=1e-4)
-    only_answers = rollout_entropies(logits[1:], [ids[: text.index("\n")]], tok)
-    assert "train/confidence_entropy" not in only_answers
-
-
-def test_tracker_rejects_bad_options():
-    with pytest.raises(ValueError, match="rows"):
-        RolloutTable(rows=0)
+from lightning_caopd.runner import run
 
 
 def _offline_run_dir(root):
@@ -81,17 +54,19 @@ def _items(records, kind: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_wandb_offline_run_holds_config_history_image_and_table(toy_base, tmp_path, monkeypatch):
+def test_wandb_offline_run_holds_config_history_image_and_table(
+    toy_base, tiny_overrides, make_cfg, tmp_path, monkeypatch
+):
     wandb_root = tmp_path / "wandb_dir"
     wandb_root.mkdir()
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(wandb_root))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = compose_cfg(
+    cfg = make_cfg(
         [
             "experiment=caopd",
             f"model.path={toy_base}",
-            *[o for o in TINY if not o.startswith("callbacks=")],
+            *[o for o in tiny_overrides if not o.startswith("callbacks=")],
             "callbacks=default",
             "logger=[csv,wandb]",
             "trainer.log_every_n_steps=1",
@@ -142,12 +117,12 @@ def test_wandb_offline_run_holds_config_history_image_and_table(toy_base, tmp_pa
 
 
 @pytest.mark.parametrize("choice", ["logger=many", "logger=[csv,wandb,tensorboard]"])
-def test_several_loggers_compose_and_instantiate(choice, tmp_path, monkeypatch):
+def test_several_loggers_compose_and_instantiate(choice, make_cfg, tmp_path, monkeypatch):
     from hydra.utils import instantiate
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_DIR", raising=False)
-    cfg = compose_cfg([choice], tmp_path)
+    cfg = make_cfg([choice], tmp_path)
     names = list(cfg.logger)
     assert {"csv", "wandb"} <= set(names)
     loggers = [instantiate(c) for c in cfg.logger.values()]
@@ -157,16 +132,3 @@ def test_several_loggers_compose_and_instantiate(choice, tmp_path, monkeypatch):
     assert wandb_logger._wandb_init["group"] == "train" and wandb_logger._wandb_init["tags"] == [
         "opd"
     ]
-
-
-@pytest.mark.parametrize(
-    "choice", ["hydra/launcher=joblib_local", "hydra/launcher=slurm", "hydra/sweeper=optuna_lr_k"]
-)
-def test_sweep_configs_compose(choice, tmp_path):
-    cfg = compose_cfg([choice], tmp_path)
-    group = choice.split("=")[0].split("/")[1]
-    node = cfg.hydra[group]
-    assert node._target_.startswith("hydra_plugins.")
-    if group == "sweeper":
-        assert set(node.params) == {"method.optimizer.lr", "method.rollout.num_rollouts"}
-        assert node.sampler.seed == cfg.seed

@@ -1,4 +1,4 @@
-"""Real-model loading: GGUF conversion and its cache, model configs, SmolLM2 (slow)."""
+"""GGUF models (`lightning_caopd.gguf`): conversion and its cache, the config, SmolLM2 (slow)."""
 
 import time
 from pathlib import Path
@@ -11,10 +11,8 @@ from lightning_caopd.data.loading import read_jsonl
 from lightning_caopd.gguf import convert, find_gguf, load_model, load_tokenizer
 from lightning_caopd.rollout import encode_chats, sample
 from lightning_caopd.tasks.science import ScienceTask, row_to_item
-from tests.conftest import compose_cfg
+from tests.fixtures.runs import FIXTURES
 from tests.fixtures.tiny_models import write_tiny_gguf
-
-FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
@@ -51,33 +49,13 @@ def test_conversion_is_cached_and_exact(tiny_gguf, tmp_path):
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
-def test_smollm2_config_builds_from_any_gguf(tiny_gguf, tmp_path):
+def test_smollm2_config_builds_from_any_gguf(tiny_gguf, make_cfg, tmp_path):
     """model=smollm2_135m with model.gguf pointing at a tiny file: the config's code path."""
-    cfg = compose_cfg(
-        ["experiment=caopd_science", f"model.gguf={tiny_gguf}", "data.path=x"], tmp_path
-    )
+    cfg = make_cfg(["experiment=caopd_science", f"model.gguf={tiny_gguf}", "data.path=x"], tmp_path)
     assert cfg.model.path == str(tmp_path / "cache" / "smollm2_135m")
     tok, student = instantiate(cfg.model.tokenizer), instantiate(cfg.model.student)
     assert student.config._attn_implementation == "sdpa" and student.dtype == torch.float32
     assert Path(cfg.model.path, "config.json").is_file() and tok.eos_token == "<|im_end|>"
-
-
-@pytest.mark.parametrize(
-    "name, hub",
-    [
-        ("qwen3_8b", "Qwen/Qwen3-8B"),
-        ("qwen2_5_7b_instruct", "Qwen/Qwen2.5-7B-Instruct"),
-        ("olmo3_7b_instruct", "allenai/Olmo-3-7B-Instruct"),
-    ],
-)
-def test_paper_model_configs_compose_without_loading(name, hub, tmp_path):
-    cfg = compose_cfg(["experiment=caopd_tooluse", f"model={name}", "data.path=x"], tmp_path)
-    assert (
-        cfg.model.student.pretrained_model_name_or_path
-        == hub
-        == cfg.model.tokenizer.pretrained_model_name_or_path
-    )
-    assert cfg.model.student.dtype == "bfloat16" and cfg.model.teacher is None
 
 
 # --- the real SmolLM2-135M-Instruct ----------------------------------------------------

@@ -1,4 +1,4 @@
-"""`model.lora`: only the adapter trains; the teacher is the base weights, not a copy."""
+"""Models (`lightning_caopd.models`), LoRA: only the adapter trains; the teacher is the base."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from hydra.utils import instantiate
 
 from lightning_caopd.models import AdapterDisabledTeacher, load_pretrained
 from lightning_caopd.runner import build
-from tests.conftest import TINY, compose_cfg
 
 LORA = "model.lora={r:4,alpha:8,target_modules:[q_proj,v_proj]}"
 
@@ -27,12 +26,14 @@ def _logits(model, ids):
     return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
 
 
-def test_lora_two_steps_trains_the_adapter_against_the_base_teacher(toy_base, tmp_path):
-    cfg = compose_cfg(
+def test_lora_two_steps_trains_the_adapter_against_the_base_teacher(
+    toy_base, tiny_overrides, make_cfg, tmp_path
+):
+    cfg = make_cfg(
         [
             "experiment=opd",
             f"model.path={toy_base}",
-            *TINY,
+            *tiny_overrides,
             LORA,
             "method.optimizer.lr=1e-2",
             "method.rollout.max_new_tokens=8",

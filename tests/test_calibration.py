@@ -1,0 +1,106 @@
+"""P_acc and CaOPD's three replacements (`lightning_caopd.calibration`)."""
+
+import pytest
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from lightning_caopd.calibration import CaOPD, empirical_accuracy
+from lightning_caopd.confidence import parse_confidence
+from lightning_caopd.models import build_char_tokenizer
+from lightning_caopd.runner import run
+from lightning_caopd.templates import with_confidence
+
+TOK = build_char_tokenizer()
+
+
+def ids(text: str, eos: bool = True) -> list[int]:
+    out = TOK(text, add_special_tokens=False)["input_ids"]
+    return out + [TOK.eos_token_id] if eos else out
+
+
+def test_p_acc_is_share_correct_per_prompt():
+    correct = torch.tensor([1, 0, 1, 1, 0, 0, 0, 0], dtype=torch.bool)
+    assert empirical_accuracy(correct, 4).tolist() == [0.75, 0.0]
+
+
+def test_student_replacement_keeps_sampled_tokens_and_appends_p_acc():
+    sampled = ids("Answer: 12\nConfidence: 0.95")
+    new = CaOPD().student_completion(sampled, 0.375, TOK)
+    assert (
+        new[: len(ids("Answer: 12\n", eos=False))] == sampled[: len(ids("Answer: 12\n", eos=False))]
+    )
+    assert TOK.decode(new, skip_special_tokens=True) == "Answer: 12\nConfidence: 0.38"
+    assert new[-1] == TOK.eos_token_id
+
+
+def test_student_replacement_without_confidence_line_appends_one():
+    new = CaOPD().student_completion(ids("Answer: 7"), 0.5, TOK)
+    assert TOK.decode(new, skip_special_tokens=True) == "Answer: 7\nConfidence: 0.50"
+
+
+def test_student_replacement_of_truncated_rollout_without_eos():
+    new = CaOPD().student_completion(ids("Answer: 7\nConfid", eos=False), 1.0, TOK)
+    assert TOK.decode(new, skip_special_tokens=True) == "Answer: 7\nConfid\nConfidence: 1.00"
+
+
+def test_student_replacement_switch_off_leaves_ids():
+    sampled = ids("Answer: 1\nConfidence: 0.9")
+    assert CaOPD(replace_student=False).student_completion(sampled, 0.0, TOK) == sampled
+
+
+def test_teacher_context_replacement_and_note():
+    c = CaOPD()
+    ctx = with_confidence("Answer: abc", "Confidence: 1.00")
+    assert ctx == "Answer: abc\nConfidence: 1.00"
+    assert c.teacher_context(ctx, 0.25) == "Answer: abc\nConfidence: 0.25"
+    assert "0.25" in c.teacher_note(0.25)
+    assert CaOPD(replace_context=False).teacher_context(ctx, 0.25) == ctx
+    assert CaOPD(add_note=False).teacher_note(0.25) == ""
+
+
+def _byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (every byte one token, as in GPT-2's alphabet) with an EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend)
+    tok.add_special_tokens({"eos_token": "<|end|>", "pad_token": "<|end|>"})
+    return tok
+
+
+def test_non_utf8_bytes_decode_to_replacement_characters_and_the_splice_still_works():
+    tok = _byte_tokenizer()
+    eos = tok.eos_token_id
+    good = tok("Answer: l\nConfidence: 0.9", add_special_tokens=False)["input_ids"]
+    lead, cont = tok("\u00ff", add_special_tokens=False)["input_ids"]  # the bytes C3 BF
+    broken = good[:8] + [cont, lead] + good[8:]  # a lone continuation byte, a lead byte before "\n"
+    text = tok.decode(broken, skip_special_tokens=True)
+    assert "\ufffd" in text and parse_confidence(text) == pytest.approx(0.9)
+    caopd = CaOPD()
+    answer_line = broken[:11]  # "Answer: l" with the two bad bytes, and its newline
+    for ids, kept in (
+        ([], []),
+        ([eos], []),
+        (broken + [eos], answer_line),
+        ([lead] * 5, [lead] * 5),
+        (good[:12], good[:10]),
+    ):
+        out = caopd.student_completion(ids, 0.25, tok)
+        assert out[: len(kept)] == kept and out[-1] == eos  # sampled tokens kept up to the line
+        text = tok.decode(out, skip_special_tokens=True)
+        assert text.endswith("Confidence: 0.25") and parse_confidence(text) == 0.25
+
+
+def test_caopd_with_one_rollout_is_a_clear_error(toy_base, tiny_overrides, make_cfg, tmp_path):
+    overrides = [
+        "experiment=caopd",
+        f"model.path={toy_base}",
+        *tiny_overrides,
+        "method.rollout.num_rollouts=1",
+    ]
+    cfg = make_cfg(overrides, tmp_path)
+    with pytest.raises(Exception, match="K >= 2"):
+        run(cfg)
