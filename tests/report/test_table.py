@@ -14,20 +14,12 @@ from lightning_caopd.report.figures import pooled_bins
 from lightning_caopd.report.table import collect, groups, summary_table, write_report
 
 ROOT = Path(__file__).resolve().parents[2]
-# two optimizer steps on few items (conftest's TINY; the test below picks the loggers)
-TINY = [
-    "trainer.max_steps=2",
-    "data.num_train=16",
-    "data.num_eval=24",
-    "data.batch_size=2",
-    "data.eval_batch_size=12",
-    "method.rollout.num_rollouts=2",
-    "callbacks=minimal",
-]
 
 
 @pytest.mark.slow
-def test_multirun_2x2_then_report_writes_table_and_figures(toy_base, tmp_path, capsys):
+def test_multirun_2x2_then_report_writes_table_and_figures(
+    toy_base, tiny_overrides, tmp_path, capsys
+):
     sweep = tmp_path / "multirun"
     cmd = [
         sys.executable,
@@ -36,7 +28,7 @@ def test_multirun_2x2_then_report_writes_table_and_figures(toy_base, tmp_path, c
         "method=opd,caopd",
         "seed=0,1",
         f"model.path={toy_base}",
-        *TINY,
+        *tiny_overrides,
         "threads=1",
         "data.num_eval=12",  # one evaluation batch
         f"hydra.sweep.dir={sweep}",
