@@ -220,12 +220,15 @@ class RolloutEntropy(Callback):
     """``train/answer_entropy`` and ``train/confidence_entropy`` every step.
 
     The student's token entropy (nats) on its rollouts' answer and confidence tokens; the
-    paper's entropy collapse shows in the second.
+    paper's entropy collapse shows in the second. Read from the step's (B*K, T, V) student
+    logits; with ``method.loss.fused=true`` those never exist (``outputs["logits"]`` is None) and
+    the two scalars are not logged (the evaluation's ``answer_entropy`` and
+    ``confidence_entropy`` in ``metrics.json`` still are).
     """
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
-        if not isinstance(outputs, dict) or "logits" not in outputs:
-            return  # not a distillation step
+        if not isinstance(outputs, dict) or outputs.get("logits") is None:
+            return  # not a distillation step, or a fused one (no student logits)
         stats = rollout_entropies(outputs["logits"], outputs["completions"], pl_module.tokenizer)
         if stats:
             pl_module.log_dict(
@@ -357,7 +360,7 @@ class ReliabilityImage(Callback):
 
     def on_validation_end(self, trainer, pl_module) -> None:  # noqa: D102
         result = getattr(pl_module, "evaluation", None)
-        if not result or result.get("ece") is None or not takes_media(trainer.loggers):
+        if not result or not result.get("n") or not takes_media(trainer.loggers):
             return
         if isinstance(result["ece"], float) and math.isnan(result["ece"]):
             return

@@ -9,7 +9,9 @@ write the number in several ways, so one parser owns the rules:
    * a label ``Confidence: X`` -- the word ``confidence`` (as a whole word, so
      ``overconfidence:`` does not count), optional spaces or markdown ``*`` before and after
      the colon (``**Confidence:** 0.8`` works), then ``X``;
-   * a tag ``<confidence>X</confidence>`` with optional spaces inside.
+   * a tag ``<confidence>X</confidence>`` with optional spaces inside. An opening tag
+     pairs with the first closing tag after it, the innermost opening when several stand
+     before it (``<confidence>x <confidence>0.3</confidence>`` states 0.3).
 
 2. **Which one wins.** The marker that *starts* last in the text wins, whichever its form.
    Its value is the answer even when it is garbage: ``Confidence: 0.9 ... Confidence: high``
@@ -17,28 +19,69 @@ write the number in several ways, so one parser owns the rules:
    never used as a fallback.
 
 3. **The number.** ``X`` is a decimal number with an optional sign: ``0.8``, ``.8``, ``80``,
-   ``-3``; an optional ``%`` may follow, with spaces allowed before it. Text after the number
-   on the label's line is ignored (``Confidence: 0.8 (fairly sure)`` gives 0.8); inside a tag
-   nothing but the number and an optional ``%`` may stand.
+   ``-3``; a decimal comma counts as a decimal point (``0,8`` is 0.8) and an exponent is
+   read as one (``1e-5`` is 0.00001, ``5E-1`` is 0.5); an optional ``%`` may follow, with
+   spaces allowed before it. Text after the number on the label's line is ignored
+   (``Confidence: 0.8 (fairly sure)`` gives 0.8, ``8/10`` gives 0.8); inside a tag nothing
+   but the number and an optional ``%`` may stand.
 
-4. **Scale.** ``X%`` means ``X / 100``. A bare ``X`` in ``(1, 10]`` means ``X / 10`` (so
-   ``8/10`` reads as 0.8); a bare ``X`` in ``(10, 100]`` means ``X / 100``; anything else is
-   taken as it stands. The result is then clamped to ``[0, 1]``: ``250`` gives 1.0, ``-3``
-   gives 0.0.
+4. **Scale.** How ``X`` is written decides how it is read:
 
-5. **Nothing usable.** No marker, or a winning marker whose value is not a number, gives
-   ``None``. Unicode replacement characters (``\\ufffd``, left by decoding bytes that were not
-   UTF-8) are ordinary characters: they do not break the parse around them, but a number made
-   of them is no number.
+   * ``X%`` means ``X / 100``, whatever ``X`` looks like (``0.5%`` is 0.005).
+   * A whole number (digits only, no point, comma or exponent) may be on a 0-10 or 0-100
+     scale, as people write them: ``0`` and ``1`` are taken as they stand, ``2`` to ``10``
+     mean ``X / 10`` (``8`` is 0.8), ``11`` to ``100`` mean ``X / 100`` (``75`` is 0.75).
+   * A number with a decimal point, a decimal comma or an exponent is a probability as
+     written (``0.62`` is 0.62, ``1.00`` is 1.0). Above 1 it is refused (``None``):
+     ``1.5``, ``10.5`` and ``1.0000001`` could mean 15 %, 10.5 %, "about 1" or a slip, and
+     a guessed scale would put a wrong number into the metrics.
+
+   The result is then clamped to ``[0, 1]``: ``250`` and ``150%`` give 1.0, ``-3`` and
+   ``-0.3`` give 0.0.
+
+5. **Nothing usable.** No marker, or a winning marker whose value is not a number (or is a
+   refused one), gives ``None``. Unicode replacement characters (``\\ufffd``, left by
+   decoding bytes that were not UTF-8) are ordinary characters: they do not break the parse
+   around them, but a number made of them is no number.
+
+Every function here runs in time linear in the length of the text, whatever the model
+wrote: the patterns use possessive quantifiers (no backtracking into a run of spaces or
+digits), and the last marker is found by one pass back from the end of the text, so a
+rollout of a million spaces or of a thousand unclosed tags costs milliseconds, not minutes.
 """
 
 import re
 
-_NUMBER = r"[+-]?(?:\d+(?:\.\d+)?|\.\d+)"
-_LABEL = re.compile(r"\bconfidence\s*\**\s*:\s*\**[ \t]*", re.IGNORECASE)
-_LABEL_VALUE = re.compile(rf"({_NUMBER})[ \t]*(%)?")
-_TAG = re.compile(r"<confidence>(.*?)</confidence>", re.IGNORECASE | re.DOTALL)
-_TAG_VALUE = re.compile(rf"\s*({_NUMBER})\s*(%)?\s*")
+# Possessive quantifiers (`*+`, `++`, `?+`) never give back what they took: each piece below is
+# followed by something its characters cannot match, so they find the same matches as the
+# plain forms, in one pass.
+_NUMBER = r"[+-]?+(?:\d++(?:[.,]\d++)?+|[.,]\d++)(?:[eE][+-]?+\d++)?+"
+# `.*` anchored at the start runs to the end once and backs off to the last match of the rest.
+_LAST_LABEL = re.compile(r".*(\bconfidence\s*+\**+\s*+:\s*+\**+[ \t]*+)", re.IGNORECASE | re.DOTALL)
+_LABEL_VALUE = re.compile(rf"({_NUMBER})[ \t]*+(%)?")
+_LAST_OPEN = re.compile(r".*(<confidence>)", re.IGNORECASE | re.DOTALL)
+_LAST_CLOSE = re.compile(r".*(</confidence>)", re.IGNORECASE | re.DOTALL)
+_CLOSE_TAG = re.compile(r"</confidence>", re.IGNORECASE)
+_TAG_VALUE = re.compile(rf"\s*+({_NUMBER})\s*+(?:(%)\s*+)?")
+
+
+def _last_tag(text: str) -> tuple[int, int, int] | None:
+    """The last closed ``<confidence>...</confidence>``, innermost opening first.
+
+    The last opening tag before the last closing tag pairs with the first closing tag after
+    it: no opening tag stands between them, and none after them has a closing tag.
+
+    Returns:
+        ``(tag_start, content_start, content_end)``, or ``None`` when no tag is closed.
+    """
+    last_close = _LAST_CLOSE.match(text)
+    if last_close is None:
+        return None
+    opening = _LAST_OPEN.match(text, 0, last_close.start(1))
+    if opening is None:
+        return None
+    closing = _CLOSE_TAG.search(text, opening.end())
+    return opening.start(1), opening.end(), closing.start()
 
 
 def _winner(text: str) -> tuple[int, tuple[int, int] | None, bool] | None:
@@ -48,30 +91,58 @@ def _winner(text: str) -> tuple[int, tuple[int, int] | None, bool] | None:
         ``(marker_start, number_span, is_percent)`` with ``number_span`` ``None`` when the
         winning marker's value is not a number, or ``None`` when there is no marker at all.
     """
-    label = next(reversed(list(_LABEL.finditer(text))), None)  # the last of each form
-    tag = next(reversed(list(_TAG.finditer(text))), None)
+    label = _LAST_LABEL.match(text)
+    tag = _last_tag(text)
     if label is None and tag is None:
         return None
-    if tag is None or (label is not None and label.start() > tag.start()):
-        value = _LABEL_VALUE.match(text, label.end())
-        return label.start(), (value.span(1) if value else None), bool(value and value[2])
-    value = _TAG_VALUE.fullmatch(text, tag.start(1), tag.end(1))
-    return tag.start(), (value.span(1) if value else None), bool(value and value[2])
+    if tag is None or (label is not None and label.start(1) > tag[0]):
+        value = _LABEL_VALUE.match(text, label.end(1))
+        return label.start(1), (value.span(1) if value else None), bool(value and value[2])
+    value = _TAG_VALUE.fullmatch(text, tag[1], tag[2])
+    return tag[0], (value.span(1) if value else None), bool(value and value[2])
 
 
-def _scale(number: float, is_percent: bool) -> float:
-    """Map a stated number to a probability following rule 4 of the module docstring."""
-    if is_percent or 10.0 < number <= 100.0:
+def _read(literal: str, is_percent: bool) -> float | None:
+    """Map a stated number to a probability following rule 4 of the module docstring.
+
+    Args:
+        literal: the number as written (sign, digits, point or comma, exponent).
+        is_percent: whether a ``%`` follows it.
+
+    Returns:
+        The probability in ``[0, 1]``, or ``None`` for a refused value.
+    """
+    # `\d` matches Unicode decimal digits, every one of which float() reads.
+    number = float(literal.replace(",", "."))
+    if is_percent:
         number /= 100.0
+    elif any(ch in literal for ch in ".,eE"):
+        if number > 1.0:
+            return None
     elif 1.0 < number <= 10.0:
         number /= 10.0
+    elif 10.0 < number <= 100.0:
+        number /= 100.0
     return min(max(number, 0.0), 1.0)
+
+
+def _stated(text: str) -> tuple[int, tuple[int, int] | None, float | None] | None:
+    """The winning marker's start, its number's span and its value (see `_winner`).
+
+    A refused number (rule 4) keeps no span, so the span and the value are ``None`` together.
+    """
+    found = _winner(text)
+    if found is None:
+        return None
+    marker, span, is_percent = found
+    value = None if span is None else _read(text[span[0] : span[1]], is_percent)
+    return marker, (span if value is not None else None), value
 
 
 def parse_confidence(text: str) -> float | None:
     """Read the stated confidence of a response as a probability.
 
-    The rules (markers, last one wins, percent and 0-10 / 0-100 scales, clamping) are listed
+    The rules (markers, last one wins, how numbers are written, scales, clamping) are listed
     in the module docstring.
 
     Args:
@@ -87,12 +158,11 @@ def parse_confidence(text: str) -> float | None:
         0.7
         >>> parse_confidence("Confidence: high") is None
         True
+        >>> parse_confidence("Confidence: 1.5") is None
+        True
     """
-    found = _winner(text)
-    if found is None or found[1] is None:
-        return None
-    start, end = found[1]
-    return _scale(float(text[start:end]), found[2])
+    found = _stated(text)
+    return None if found is None else found[2]
 
 
 def confidence_span(text: str) -> tuple[int, int] | None:
@@ -112,7 +182,7 @@ def confidence_span(text: str) -> tuple[int, int] | None:
         >>> text[start:end]
         '90'
     """
-    found = _winner(text)
+    found = _stated(text)
     return None if found is None else found[1]
 
 

@@ -8,31 +8,114 @@ Usage (a Hydra app over ``conf/evaluate.yaml``, which takes every group of ``tra
         checkpoint=outputs/.../checkpoints/last.ckpt
 
 The model is the one ``model`` builds (a Hub name or local folder with ``model=hf``);
-``checkpoint`` replaces its weights with a training run's student. Generation follows
-``eval``. The run folder receives ``metrics.json`` (the keys of a training run's
-evaluation), ``reliability.png`` and ``completions.jsonl`` (one scored completion a line).
+``checkpoint`` replaces its weights with a training run's student; when the checkpoint lies in
+a training run's directory, that run's own overrides (``.hydra/overrides.yaml``: model, data,
+method, ...) are composed first, so ``checkpoint=<run dir>/checkpoints/last.ckpt`` alone scores
+it on its own data (command-line overrides still win). Generation follows ``eval``. The run
+folder receives ``metrics.json`` (the keys of a training run's evaluation), ``reliability.png``,
+``completions.jsonl`` (one scored completion a line, with its prompt) and ``evaluate.log``.
 """
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from lightning_caopd.callbacks import MetricsWriter
 from lightning_caopd.checkpointing import load_checkpoint_file
-from lightning_caopd.errors import USER_ERRORS
+from lightning_caopd.errors import ConfigError, exit_with, user_message
 from lightning_caopd.module import StudentSystem
-from lightning_caopd.runner import build_datamodule, build_student, pin_cpu_isa, prepare_base
+from lightning_caopd.runner import (
+    build_student,
+    check_config,
+    lock_output_dir,
+    pin_cpu_isa,
+    prepare_base,
+    quiet_console,
+    summary,
+)
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("eval", "train", "all")
 _MODEL_KEYS = ("pretrained_model_name_or_path", "gguf", "path")  # how a model config names it
+# a training run's overrides that say how it trained or where it wrote, not what it trained
+_TRAINING_ONLY = (
+    "hydra",
+    "ckpt_path",
+    "checkpoint",
+    "trainer",
+    "callbacks",
+    "logger",
+    "paths.output_dir",
+    "eval_before_training",
+    "optimized_metric",
+    "split",
+)
+
+
+class EvalProgress(L.Callback):
+    """Logs how many items are scored so far, one line per batch (generation is slow)."""
+
+    def __init__(self, total: int) -> None:
+        super().__init__()
+        self.total = total
+        self.done = 0
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *args):  # noqa: D102
+        self.done += len(batch)
+        if trainer.is_global_zero:
+            log.info("Scored %d/%d items", min(self.done, self.total), self.total)
+
+
+def _key(override: str) -> str:
+    """The key an override sets: ``model`` for ``model=hf``, ``a.b`` for ``+a.b=1``."""
+    return override.split("=", 1)[0].lstrip("+~").split("@", 1)[0]
+
+
+def training_run_overrides(checkpoint: str | Path) -> tuple[list[str], Path | None]:
+    """The overrides of the training run a checkpoint belongs to, and that run's directory.
+
+    Args:
+        checkpoint: ``<run dir>/checkpoints/last.ckpt`` (or a file directly in the run dir).
+
+    Returns:
+        The run's ``.hydra/overrides.yaml`` without those about training only (trainer,
+        callbacks, logger, ``ckpt_path``, the output directory), and the run directory; ``[]``
+        and None for a checkpoint outside a run directory.
+    """
+    ckpt = Path(checkpoint).expanduser().resolve()
+    for folder in (ckpt.parent, ckpt.parent.parent):
+        file = folder / ".hydra" / "overrides.yaml"
+        if file.is_file():
+            kept = [
+                str(o)
+                for o in OmegaConf.to_container(OmegaConf.load(file))
+                if not any(
+                    _key(str(o)) == k or _key(str(o)).startswith(k + ".") for k in _TRAINING_ONLY
+                )
+            ]
+            return kept, folder
+    return [], None
+
+
+def merge_overrides(run: list[str], cli: list[str]) -> list[str]:
+    """The training run's overrides, then the command line's; a key on both: the command line's.
+
+    Examples:
+        >>> merge_overrides(["model=hf", "data=science"], ["model=tiny", "split=all"])
+        ['data=science', 'model=tiny', 'split=all']
+    """
+    given = {_key(o) for o in cli}
+    return [o for o in run if _key(o) not in given] + list(cli)
 
 
 def load_student_weights(student: torch.nn.Module, checkpoint: str | Path) -> None:
@@ -70,16 +153,22 @@ def evaluate(cfg: DictConfig) -> dict:
         What was written to ``metrics.json``.
     """
     if cfg.split not in SPLITS:
-        raise ValueError(f"split={cfg.split!r}: choose one of {SPLITS}.")
+        raise ConfigError(f"split={cfg.split!r} is out of range: it must be one of {SPLITS}.")
     pin_cpu_isa(cfg.get("cpu_isa"))  # before the first tensor operation
-    L.seed_everything(cfg.seed, workers=True)
+    quiet_console()
+    datamodule = check_config(cfg)  # every range, before any model loads
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with lock_output_dir(out_dir):
+        return _score(cfg, out_dir, datamodule)
 
-    datamodule = build_datamodule(cfg)
+
+def _score(cfg: DictConfig, out_dir: Path, datamodule) -> dict:
+    """Load the model and score the split (`evaluate` after its checks)."""
+    L.seed_everything(cfg.seed, workers=True)
     if cfg.split == "all":
         if not hasattr(datamodule, "load_items"):
-            raise ValueError("split=all needs a file-backed data config (data=science, tooluse).")
+            raise ConfigError("split=all needs a file-backed data config (data=science, tooluse).")
         items = datamodule.load_items(datamodule.eval_path, datamodule.eval_split)
     else:
         datamodule.setup("validate")  # a bad path fails here, before the model loads
@@ -99,23 +188,33 @@ def evaluate(cfg: DictConfig) -> dict:
         "seed": cfg.seed,
     }
     writer = MetricsWriter(out_dir, run=run_info, record_initial=False, completions=True)
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[writer])
+    callbacks = [writer, EvalProgress(len(items))]
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=callbacks)
     loader = DataLoader(items, batch_size=datamodule.eval_batch_size, collate_fn=list)
+    log.info("Scoring %d items in batches of %d", len(items), datamodule.eval_batch_size)
     trainer.validate(module, dataloaders=loader, verbose=False)
     result = writer.result
     if trainer.is_global_zero:
-        summary = ", ".join(f"{k} {result.get(k)}" for k in ("n", "accuracy", "ece", "format_rate"))
-        print(f"Wrote {out_dir / 'metrics.json'} ({summary})")
+        log.info("Wrote %s (%s)", out_dir / "metrics.json", summary(result))
     return result
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    """Hydra entry point."""
+    """Hydra entry point; a checkpoint of a training run brings that run's overrides."""
     try:
+        if cfg.get("checkpoint"):
+            run, folder = training_run_overrides(cfg.checkpoint)
+            if folder is not None:
+                overrides = merge_overrides(run, list(HydraConfig.get().overrides.task))
+                log.info("Composing the training run's config (%s): %s", folder, " ".join(run))
+                cfg = hydra.compose(config_name="evaluate", overrides=overrides)
         evaluate(cfg)
-    except USER_ERRORS as err:  # a problem the user can fix: its paragraph, not a traceback
-        sys.exit(f"Error: {err}")
+    except Exception as err:  # a problem the user can fix: its paragraph, not a traceback
+        message = user_message(err)
+        if message is None:
+            raise
+        exit_with(message)
 
 
 if __name__ == "__main__":

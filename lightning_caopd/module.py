@@ -11,7 +11,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import lightning as L
 import torch
@@ -21,15 +21,24 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lightning_caopd.calibration import ConfidenceTargets, empirical_accuracy, p_acc_stats
 from lightning_caopd.checkpointing import RNG_KEY, rng_states, set_rng_states
 from lightning_caopd.confidence import parse_confidence
-from lightning_caopd.divergence import divergence_loss, skip_first_tokens
+from lightning_caopd.divergence import (
+    OutputHead,
+    divergence_loss,
+    fused_linear_divergence,
+    skip_first_tokens,
+    topk_tail_loss,
+)
 from lightning_caopd.engines import HFEngine, RolloutEngine
+from lightning_caopd.errors import ConfigError
 from lightning_caopd.metrics import CalibrationMetrics
-from lightning_caopd.models import make_teacher
+from lightning_caopd.models import AdapterDisabledTeacher, make_teacher
 from lightning_caopd.rollout import (
     Rollouts,
     build_batch,
     completion_logits,
     encode_chats,
+    left_pad,
+    right_pad,
     shared_prefix_logits,
 )
 from lightning_caopd.scoring import evaluate_items
@@ -38,6 +47,24 @@ from lightning_caopd.tasks.base import Task
 from lightning_caopd.templates import TeacherTemplate
 
 EVAL_DEFAULTS = {"max_new_tokens": 32, "do_sample": False, "temperature": 1.0}
+FUSED_CHUNK_SIZE = 256  # positions per chunk of the fused divergence when loss.chunk_size is null
+
+
+@dataclass
+class TeacherInputs:
+    """The teacher's prompts for one step and what building them counted.
+
+    Attributes:
+        prompts: B prompts (one context per group) or B*K (one per rollout, ``sdpo_sibling``).
+        rows: (B*K,) bool, the rollouts that count in the loss (False: no successful sibling).
+        fallbacks: groups that fell back to the demonstration (``correct_solution``).
+        n_cut: teacher prompts cut to ``max_prompt_length``.
+    """
+
+    prompts: list[list[int]]
+    rows: torch.Tensor
+    fallbacks: int
+    n_cut: int
 
 
 class StudentSystem(L.LightningModule):
@@ -200,6 +227,7 @@ class DistillationModule(StudentSystem):
             }
         )
         self.teacher = make_teacher(student, teacher)
+        check_loss_support(self.loss, student, self.teacher)
         self.template = template
         self.engine = engine if engine is not None else HFEngine()
         self.engine.attach(tokenizer)
@@ -224,9 +252,9 @@ class DistillationModule(StudentSystem):
         roll = self.sample_rollouts(prompts)  # 1. rollouts
         correct, p_acc = self.verify(batch, roll.texts)  # 2. verify
         completions = self.targets.apply(roll.completions, p_acc, self.tokenizer)  # 3. targets
-        teacher_prompts, fallbacks, n_cut_t = self.teacher_prompts(batch, roll, correct, p_acc)
-        loss, per_token, mask, student_logits = self.divergence(  # 4. teacher, 5. divergence
-            prompts, teacher_prompts, completions
+        teacher = self.teacher_prompts(batch, roll, correct, p_acc)  # 4. teacher inputs
+        loss, per_token, mask, student_logits = self.divergence(  # 5. divergence
+            prompts, teacher.prompts, completions, teacher.rows
         )
         self.log_step(  # 6. log
             batch,
@@ -236,8 +264,8 @@ class DistillationModule(StudentSystem):
             loss,
             per_token,
             mask,
-            fallbacks / len(batch),
-            n_cut + n_cut_t,
+            teacher,
+            n_cut,
             time.perf_counter() - start,
         )
         return {  # the loss, and what the callbacks log from the step (detached)
@@ -247,7 +275,8 @@ class DistillationModule(StudentSystem):
             "correct": correct,
             "p_acc": p_acc,
             "completions": completions,
-            "logits": student_logits.detach(),
+            # (B*K, T, V); None with loss.fused (no such tensor exists; RolloutEntropy skips)
+            "logits": None if student_logits is None else student_logits.detach(),
         }
 
     def student_prompts(self, batch: list[dict]) -> tuple[list[dict], list[list[int]], int]:
@@ -281,51 +310,106 @@ class DistillationModule(StudentSystem):
 
     def teacher_prompts(
         self, batch: list[dict], roll: Rollouts, correct: torch.Tensor, p_acc: torch.Tensor
-    ) -> tuple[list[list[int]], int, int]:
+    ) -> TeacherInputs:
         """The teacher's prompts: the student's chat with the privileged context.
 
-        The context comes from the template, through the confidence-target policy. Also returns
-        how many groups fell back to the demonstration and how many prompts were cut.
+        The template gives one context per group or one per rollout (SDPO), and the
+        confidence-target policy rewrites each with its group's P_acc. A rollout without a
+        context (no successful sibling) gets the student's own prompt as a placeholder and
+        leaves the loss (``rows``).
         """
         k = self.rollout.num_rollouts
-        chats, fallbacks = [], 0
+        chats, rows, fallbacks = [], [], 0
         for b, item in enumerate(batch):
             group = slice(b * k, (b + 1) * k)
-            context, fell_back = self.template.context(
+            contexts, fell_back = self.template.contexts(
                 item, roll.texts[group], correct[group].tolist()
             )
             fallbacks += fell_back
-            p = p_acc[b].item()
-            context, note = self.targets.teacher_context(context, p), self.targets.teacher_note(p)
-            chats.append(self.template.messages(self.task.student_messages(item), context, note))
+            p, student_chat = p_acc[b].item(), self.task.student_messages(item)
+            note = self.targets.teacher_note(p)
+            for context in contexts:  # one per group, or one per rollout
+                rows.extend([context is not None] * (k // len(contexts)))
+                chats.append(
+                    student_chat
+                    if context is None
+                    else self.template.messages(
+                        student_chat, self.targets.teacher_context(context, p), note
+                    )
+                )
         prompts, n_cut = encode_chats(self.tokenizer, chats, self.rollout.max_prompt_length)
-        return prompts, fallbacks, n_cut
+        return TeacherInputs(prompts, torch.tensor(rows, dtype=torch.bool), fallbacks, n_cut)
 
     def divergence(
         self,
         prompts: list[list[int]],
         teacher_prompts: list[list[int]],
         completions: list[list[int]],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The divergence between teacher and student next-token distributions on completions.
 
-        Returns the loss, the (B*K, T) per-token divergence, the loss mask and the student's
-        (B*K, T, V) logits.
+        ``method.loss`` picks the path: full vocabulary or top-k + tail (``topk``), from
+        materialised logits or fused with the output heads (``fused``: the bodies run without
+        their heads and no (B*K, T, V) logits exist).
+
+        Args:
+            prompts: B student prompts.
+            teacher_prompts: B teacher prompts, or B*K (one per rollout).
+            completions: B*K training completions, prompt-major.
+            rows: (B*K,) bool, the rollouts that count (None: all).
+
+        Returns:
+            The loss, the (B*K, T) per-token divergence, the loss mask and the student's
+            (B*K, T, V) logits (None when fused).
         """
+        if self.loss.fused:
+            return self.fused_divergence(prompts, teacher_prompts, completions, rows)
         with torch.no_grad():
             teacher_logits, _ = self.completion_logits(self.teacher, teacher_prompts, completions)
         student_logits, completion_mask = self.completion_logits(self.student, prompts, completions)
-        mask = skip_first_tokens(completion_mask, self.loss.skip_first_tokens)
-        loss, per_token = divergence_loss(
-            student_logits,
-            teacher_logits,
+        mask = self.loss_mask(completion_mask, rows)
+        kind, beta = self.loss.divergence, self.loss.jsd_beta
+        if self.loss.topk is None:
+            loss, per_token = divergence_loss(
+                student_logits, teacher_logits, mask, kind, beta, chunk_size=self.loss.chunk_size
+            )
+        else:
+            loss, per_token = topk_tail_loss(
+                student_logits, teacher_logits, mask, k=self.loss.topk, kind=kind, beta=beta
+            )
+        del teacher_logits  # free (B*K, T, V) before backward
+        return loss, per_token, mask, student_logits
+
+    def fused_divergence(
+        self,
+        prompts: list[list[int]],
+        teacher_prompts: list[list[int]],
+        completions: list[list[int]],
+        rows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        """`divergence` from the bodies' last hidden states and the output heads, chunk by chunk."""
+        with torch.no_grad():
+            teacher_hidden, _ = self.completion_hidden(self.teacher, teacher_prompts, completions)
+        student_hidden, completion_mask = self.completion_hidden(self.student, prompts, completions)
+        mask = self.loss_mask(completion_mask, rows)
+        loss, per_token = fused_linear_divergence(
+            student_hidden,  # (B*K, T, H)
+            OutputHead.from_causal_lm(self.student),
+            teacher_hidden,  # (B*K, T, H')
+            OutputHead.from_causal_lm(causal_lm(self.teacher)),
             mask,
             kind=self.loss.divergence,
             beta=self.loss.jsd_beta,
-            chunk_size=self.loss.chunk_size,
+            topk=self.loss.topk,
+            chunk_size=self.loss.chunk_size or FUSED_CHUNK_SIZE,
         )
-        del teacher_logits  # free (B*K, T, V) before backward
-        return loss, per_token, mask, student_logits
+        return loss, per_token, mask, None
+
+    def loss_mask(self, completion_mask: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """(B*K, T) positions in the loss: completions, less the skipped first tokens and rows."""
+        mask = skip_first_tokens(completion_mask, self.loss.skip_first_tokens)
+        return mask if rows is None else mask & rows.to(mask.device)[:, None]
 
     def completion_logits(
         self, model: PreTrainedModel, prompts: list[list[int]], completions: list[list[int]]
@@ -341,11 +425,57 @@ class DistillationModule(StudentSystem):
         batch = build_batch([p for p in prompts for _ in range(k)], completions, pad, self.device)
         return completion_logits(model, batch), batch["completion_mask"]
 
+    def completion_hidden(
+        self, model: PreTrainedModel, prompts: list[list[int]], completions: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last hidden states (B*K, T, H) predicting each completion token, and the mask.
+
+        The body alone (no LM head), otherwise as `completion_logits`: with
+        ``loss.share_prompt_prefix`` each prompt runs once and its cache serves its K completions.
+        """
+        pad = self.tokenizer.pad_token_id
+        k = len(completions) // len(prompts)
+        if not self.loss.share_prompt_prefix:
+            rows = [p for p in prompts for _ in range(k)]
+            batch = build_batch(rows, completions, pad, self.device)
+            t = batch["completion_mask"].shape[1]
+            hidden = run_body(
+                model,
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"],
+                use_cache=False,
+            ).last_hidden_state  # (B*K, P + T, H)
+            return hidden[:, -t - 1 : -1], batch["completion_mask"]
+        p_ids, p_mask = left_pad(prompts, pad, self.device)
+        out = run_body(
+            model,
+            input_ids=p_ids,
+            attention_mask=p_mask,
+            position_ids=(p_mask.cumsum(1) - 1).clamp(min=0),
+            use_cache=True,
+        )
+        cache = out.cache
+        cache.batch_repeat_interleave(k)
+        first = out.last_hidden_state[:, -1:].repeat_interleave(k, dim=0)  # (B*K, 1, H)
+        c_ids, c_mask = right_pad(completions, pad, p_ids.device)
+        start = p_mask.sum(1).repeat_interleave(k)[:, None]  # (B*K, 1)
+        rest = run_body(
+            model,
+            input_ids=c_ids[:, :-1],
+            attention_mask=torch.cat([p_mask.repeat_interleave(k, dim=0), c_mask[:, :-1]], dim=1),
+            position_ids=start + torch.arange(c_ids.shape[1] - 1, device=p_ids.device)[None],
+            cache=cache,
+            use_cache=True,
+        ).last_hidden_state  # (B*K, T-1, H)
+        return torch.cat([first, rest], dim=1), c_mask.bool()
+
     def log_step(
-        self, batch, roll, correct, p_acc, loss, per_token, mask, fallback_frac, n_cut, elapsed
+        self, batch, roll, correct, p_acc, loss, per_token, mask, teacher, n_cut, elapsed
     ) -> None:
         """The step's scalars: loss, divergence, rollout accuracy, P_acc, format, throughput."""
         n = len(roll.texts)
+        fallback_frac = teacher.fallbacks / len(batch)
         formatted = [parse_confidence(t) is not None for t in roll.texts]
         stats = {
             "train/loss": loss.detach(),
@@ -355,11 +485,74 @@ class DistillationModule(StudentSystem):
             "train/format_rate": torch.tensor(formatted, dtype=torch.float).mean(),
             "train/truncated_frac": torch.tensor(roll.truncated, dtype=torch.float).mean(),
             "train/no_correct_solution_frac": torch.tensor(fallback_frac),
-            "train/prompts_truncated": torch.tensor(float(n_cut)),
+            # rollouts left out of the loss for want of a successful sibling (SDPO)
+            "train/sdpo_masked_frac": (~teacher.rows).float().mean(),
+            "train/prompts_truncated": torch.tensor(float(n_cut + teacher.n_cut)),
             "train/rollouts_per_s": torch.tensor(n / elapsed),
             "train/tokens_per_s": torch.tensor(sum(len(c) for c in roll.completions) / elapsed),
         }
         stats.update({f"train/{k}": torch.tensor(v) for k, v in p_acc_stats(p_acc).items()})
         self.log_dict(stats, batch_size=len(batch))
+        self.log("loss", loss.detach(), prog_bar=True, batch_size=len(batch), logger=False)
         self.log("p_acc", p_acc.mean(), prog_bar=True, batch_size=len(batch), logger=False)
         self.log("rollouts/s", n / elapsed, prog_bar=True, batch_size=len(batch), logger=False)
+
+
+def causal_lm(model: PreTrainedModel | AdapterDisabledTeacher) -> PreTrainedModel:
+    """The causal LM behind a teacher (the peft-wrapped student for `AdapterDisabledTeacher`)."""
+    return model.model if isinstance(model, AdapterDisabledTeacher) else model
+
+
+def run_body(model: PreTrainedModel | AdapterDisabledTeacher, **inputs):
+    """The model's decoder body (no LM head) on `inputs`; its output has ``last_hidden_state``.
+
+    An `AdapterDisabledTeacher` runs the peft student's body in eval mode with the adapter off,
+    as its ``__call__`` runs the whole model.
+    """
+    if not isinstance(model, AdapterDisabledTeacher):
+        return model.get_decoder()(**inputs)
+    peft, was_training = model.model, model.model.training
+    peft.eval()
+    try:
+        with peft.disable_adapter():
+            return peft.get_decoder()(**inputs)
+    finally:
+        peft.train(was_training)
+
+
+def check_loss_support(
+    loss: LossSettings, student: PreTrainedModel, teacher: PreTrainedModel | AdapterDisabledTeacher
+) -> None:
+    """Refuse at start-up a ``method.loss`` the models cannot serve.
+
+    ``topk`` must not exceed the vocabulary; ``fused`` needs each model's output head to be a
+    plain ``torch.nn.Linear`` (tied to the input embedding or not; LoRA on the head, or a head
+    that is another module, is refused) and a decoder body reachable by ``get_decoder()``.
+
+    Raises:
+        ConfigError: naming the key and what to change.
+    """
+    vocab = student.get_output_embeddings().weight.shape[0]
+    if loss.topk is not None and loss.topk > vocab:
+        raise ConfigError(
+            f"method.loss.topk={loss.topk} exceeds the vocabulary ({vocab} tokens); set it to at "
+            f"most {vocab}, or null for the full vocabulary."
+        )
+    if not loss.fused:
+        return
+    for role, model in (("student", student), ("teacher", causal_lm(teacher))):
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        lora = any("lora" in name.lower() for name, _ in head.named_modules()) if head else False
+        if type(head) is not torch.nn.Linear or lora:
+            raise ConfigError(
+                f"method.loss.fused=true needs the {role}'s output head to be a plain "
+                f"torch.nn.Linear; it is {type(head).__name__}"
+                + (" with a LoRA adapter" if lora else "")
+                + ". Leave the head out of model.lora.target_modules, or set "
+                "method.loss.fused=false."
+            )
+        if not hasattr(model, "get_decoder"):
+            raise ConfigError(
+                f"method.loss.fused=true runs the {role}'s body without its head through "
+                f"get_decoder(), which {type(model).__name__} lacks; set method.loss.fused=false."
+            )

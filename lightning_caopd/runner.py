@@ -1,5 +1,6 @@
 """One run from a composed Hydra config: prepare the base, build, evaluate, fit, evaluate.
 
+`check_config` checks every method and data value before anything slow happens, and
 `build` is the one builder of the system (student, teacher, LoRA, task, module) and its data;
 ``train.py``, ``python -m lightning_caopd.evaluate`` and the benchmarks all use it. Writing
 ``metrics.json``, the diagrams and the checkpoints is done by the callbacks the config names
@@ -8,21 +9,168 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import logging
 import os
+import socket
+import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_caopd.callbacks import MetricsWriter
 from lightning_caopd.checkpointing import keep_previous_logs
-from lightning_caopd.errors import ResumeError
+from lightning_caopd.errors import ConfigError, ResumeError, RunDirError, out_of_range
 from lightning_caopd.loggers import finish_loggers
 
 log = logging.getLogger(__name__)
+
+LOCK_NAME = ".run.lock"
+SUMMARY_KEYS = ("n", "accuracy", "ece", "brier", "format_rate")
+
+
+def _cause(err: InstantiationException) -> BaseException:
+    """The exception a Hydra instantiation wrapped (the target's own error)."""
+    while isinstance(err, InstantiationException) and err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def check_config(cfg: DictConfig):
+    """Check every method and data value at start-up, before any model loads.
+
+    Builds ``method.rollout`` and ``method.loss`` (`lightning_caopd.settings`, which check their
+    ranges) and the DataModule (batch sizes, counts; its rows are read later, in ``setup``),
+    and checks ``eval.max_new_tokens``.
+
+    Args:
+        cfg: the composed config.
+
+    Returns:
+        The DataModule, for `build`.
+
+    Raises:
+        ConfigError: one sentence naming the key, the value and the allowed range.
+    """
+    method = cfg.get("method") or {}
+    for group in ("rollout", "loss"):
+        node = method.get(group)
+        if node is None or "_target_" not in node:
+            continue
+        try:
+            instantiate(node)
+        except InstantiationException as err:
+            cause = _cause(err)
+            if isinstance(cause, ValueError):
+                raise ConfigError(str(cause)) from None
+            raise
+    eval_cfg = cfg.get("eval") or {}
+    tokens = eval_cfg.get("max_new_tokens")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise out_of_range("eval.max_new_tokens", tokens, "an integer >= 1")
+    try:
+        return build_datamodule(cfg)
+    except InstantiationException as err:
+        cause = _cause(err)
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise
+
+
+def quiet_console() -> None:
+    """Send Lightning's messages and Python warnings through logging, without the noise.
+
+    Under Hydra (``train.py``, ``evaluate``) the root logger writes to the terminal and to the
+    run's ``train.log`` / ``evaluate.log``; Lightning's own loggers write only to the terminal,
+    so they are made to pass their messages up instead, and so are warnings. Lightning's
+    litlogger/litmodels advertisements and torch's ``LeafSpec`` deprecation (raised inside
+    Lightning, nothing a user can change) are dropped. Outside Hydra (no root handler) only the
+    filters apply.
+    """
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*deprecated")
+    tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _TipFilter) for f in tips.filters):
+        tips.addFilter(_TipFilter())
+    if not logging.getLogger().handlers:
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        for handler in list(lg.handlers):
+            if type(handler) is logging.StreamHandler:
+                lg.removeHandler(handler)
+        lg.propagate = True
+    logging.captureWarnings(True)
+
+
+class _TipFilter(logging.Filter):
+    """Drops Lightning's "Tip: try installing litlogger / litmodels" messages."""
+
+    def filter(self, record: logging.LogRecord) -> bool:  # noqa: D102
+        return "Tip:" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def lock_output_dir(out_dir: Path) -> Iterator[None]:
+    """Hold the run directory for this run: a second live run into it is refused.
+
+    Two runs writing into one directory mix their CSV rows and checkpoints. The lock is an
+    ``flock`` on ``<out_dir>/.run.lock``, which the system releases when the process ends, so
+    a killed run leaves no stale lock (its resume, ``ckpt_path=last``, takes the directory
+    again). Only the first process of a multi-process run takes it.
+
+    Args:
+        out_dir: the run directory.
+
+    Raises:
+        RunDirError: another live process holds the directory.
+    """
+    if rank_zero_only.rank != 0:
+        yield
+        return
+    path = out_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                log.warning("Could not lock %s (%s); carrying on without a lock.", out_dir, err)
+            else:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                raise RunDirError(
+                    f"The output directory {out_dir} is in use by another run that is still "
+                    f"going ({holder}). Two runs in one directory would mix their CSV rows and "
+                    "checkpoints: wait for it to end, or give this run its own directory with "
+                    "hydra.run.dir=<another directory> (a resumed run, ckpt_path=last, uses the "
+                    "directory of the run it continues once that run has stopped)."
+                ) from None
+        os.ftruncate(fd, 0)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {stamp}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def summary(result: dict) -> str:
+    """The headline metrics, rounded: ``n 24, accuracy 0.4167, ece 0.1234, ...``."""
+    parts = []
+    for key in SUMMARY_KEYS:
+        value = result.get(key)
+        if isinstance(value, float):
+            value = round(value, 4)
+        if value is not None:
+            parts.append(f"{key} {value}")
+    return ", ".join(parts)
 
 
 def resolved_config(cfg: DictConfig) -> dict:
@@ -94,8 +242,13 @@ def build_datamodule(cfg: DictConfig):
     return instantiate(data_cfg)
 
 
-def build(cfg: DictConfig):
-    """The LightningModule ``cfg.method`` names (over student, teacher, task) and the data."""
+def build(cfg: DictConfig, datamodule=None):
+    """The LightningModule ``cfg.method`` names (over student, teacher, task) and the data.
+
+    Args:
+        cfg: the composed config.
+        datamodule: the DataModule `check_config` built (None: built here).
+    """
     tokenizer, student, task = build_student(cfg)
     extra = {}
     if cfg.model.get("teacher") is not None:
@@ -107,7 +260,7 @@ def build(cfg: DictConfig):
     module = instantiate(
         cfg.method, student=student, tokenizer=tokenizer, task=task, eval=eval_opts, **extra
     )
-    return module, build_datamodule(cfg)
+    return module, datamodule if datamodule is not None else build_datamodule(cfg)
 
 
 def build_trainer(cfg: DictConfig, **kwargs) -> L.Trainer:
@@ -159,19 +312,32 @@ def metrics_writer(trainer: L.Trainer) -> MetricsWriter:
 
 
 def run(cfg: DictConfig) -> dict:
-    """Run the experiment `cfg` describes and return what it wrote to metrics.json."""
+    """Run the experiment `cfg` describes and return what it wrote to metrics.json.
+
+    Raises:
+        ConfigError: a method or data value out of range (before any model loads).
+        RunDirError: another live run writes into the output directory.
+        ResumeError: `ckpt_path` names no checkpoint.
+    """
     pin_cpu_isa(cfg.get("cpu_isa"))  # before the first tensor operation
+    quiet_console()
     if cfg.get("threads"):
         torch.set_num_threads(cfg.threads)
-    prepare_base(cfg)
-    # seeded after the base: a base built on first use (a run of its own, which draws from the
-    # generators) must not change this run's numbers
-    L.seed_everything(cfg.seed, workers=True)
+    datamodule = check_config(cfg)  # every range, before anything slow
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = resolve_ckpt_path(cfg, out_dir)  # before anything slow: a wrong path fails at once
+    with lock_output_dir(out_dir):
+        ckpt_path = resolve_ckpt_path(cfg, out_dir)  # a wrong path fails at once
+        prepare_base(cfg)
+        # seeded after the base: a base built on first use (a run of its own, which draws from
+        # the generators) must not change this run's numbers
+        L.seed_everything(cfg.seed, workers=True)
+        return _fit(cfg, out_dir, ckpt_path, datamodule)
 
-    module, datamodule = build(cfg)
+
+def _fit(cfg: DictConfig, out_dir: Path, ckpt_path: Path | None, datamodule) -> dict:
+    """Build, evaluate, fit and evaluate (`run` after its checks); metrics.json's content."""
+    module, datamodule = build(cfg, datamodule)
     trainer = build_trainer(cfg)
     writer = metrics_writer(trainer)
     if ckpt_path is not None and trainer.is_global_zero:
@@ -187,6 +353,6 @@ def run(cfg: DictConfig) -> dict:
     if writer.last_step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     if trainer.is_global_zero:
-        print(f"Wrote {out_dir / 'metrics.json'}")
+        log.info("Wrote %s (%s)", out_dir / "metrics.json", summary(writer.result))
     finish_loggers(trainer.loggers)  # the next run of a multirun gets its own W&B run
     return writer.result

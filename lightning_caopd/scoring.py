@@ -6,6 +6,7 @@ Greedy and without privileged context; the LightningModules' validation step cal
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +15,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lightning_caopd.confidence import answer_confidence_tokens, parse_confidence
 from lightning_caopd.rollout import build_batch, completion_logits, encode_chats, sample
 from lightning_caopd.tasks.base import Task
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -26,7 +29,8 @@ class EvalBatch:
         category: (N,) index of each item's category in the task's categories.
         answer_entropy: (sum, count) of the student's token entropy (nats) on answer tokens.
         confidence_entropy: (sum, count) of the same on the confidence value's tokens.
-        records: one dict per item, for rollout tables.
+        records: one dict per item (``completions.jsonl``): id, category, the prompt as the
+            model saw it (after any truncation), the completion and its scores.
     """
 
     confidence: torch.Tensor
@@ -54,10 +58,21 @@ def evaluate_items(
     do_sample: bool = False,
     temperature: float = 1.0,
 ) -> EvalBatch:
-    """Answer `items` without privileged context and score every answer and confidence."""
-    prompts, _ = encode_chats(
+    """Answer `items` without privileged context and score every answer and confidence.
+
+    A prompt longer than `max_prompt_length` tokens loses its left end; how many did is logged.
+    """
+    prompts, n_cut = encode_chats(
         tokenizer, [task.student_messages(it) for it in items], max_prompt_length
     )
+    if n_cut:
+        log.warning(
+            "%d of %d evaluation prompts were longer than eval.max_prompt_length=%s tokens and "
+            "lost their left end (completions.jsonl shows the prompts as the model saw them).",
+            n_cut,
+            len(items),
+            max_prompt_length,
+        )
     roll = sample(model, tokenizer, prompts, 1, max_new_tokens, temperature, do_sample=do_sample)
     conf = torch.tensor(
         [c if (c := parse_confidence(t)) is not None else float("nan") for t in roll.texts]
@@ -84,6 +99,7 @@ def evaluate_items(
             {
                 "id": items[i]["id"],
                 "category": items[i]["category"],
+                "prompt": tokenizer.decode(prompts[i]),
                 "completion": text,
                 "answer": task.parse_answer(text),
                 "confidence": None if conf[i].isnan() else conf[i].item(),

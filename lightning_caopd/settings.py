@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lightning_caopd.errors import ConfigError, out_of_range
+
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 PROMPT_OVERFLOW = ("truncate", "skip")
 
 
 def _fail(key: str, value: object, allowed: str) -> None:
-    raise ValueError(f"{key}={value!r} is out of range: it must be {allowed}.")
+    raise out_of_range(key, value, allowed)
 
 
 def _int(key: str, value: object, low: int, allow_none: bool = False) -> None:
@@ -34,7 +36,7 @@ class RolloutSettings:
         temperature: sampling temperature (> 0).
         top_p: nucleus threshold in (0, 1].
         max_prompt_length: a longer student prompt is cut or skipped (``prompt_overflow``);
-            teacher prompts are always cut. None: no limit.
+            teacher prompts are always cut. None: no limit (a long prompt can take gigabytes).
         prompt_overflow: ``truncate`` (left end) or ``skip`` (the item leaves the step);
             both are counted.
     """
@@ -43,7 +45,7 @@ class RolloutSettings:
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_p: float = 1.0
-    max_prompt_length: int | None = None
+    max_prompt_length: int | None = 2048
     prompt_overflow: str = "truncate"
 
     def __post_init__(self) -> None:
@@ -67,8 +69,16 @@ class LossSettings:
             default), ``reverse_kl`` = KL(student || teacher), or ``jsd``.
         jsd_beta: the JSD's mixing weight in [0, 1] (0 gives forward KL, 1 reverse KL).
         skip_first_tokens: completion tokens left out of the loss at each rollout's start.
-        chunk_size: positions per chunk of the memory-bounded divergence (None: unchunked).
+        chunk_size: positions per chunk of the memory-bounded divergence (None: unchunked; with
+            ``fused`` None means 256).
         share_prompt_prefix: encode each prompt once for its K completions (exact; faster).
+        topk: None compares the full vocabulary; an integer k compares the teacher's top-k
+            tokens plus one tail bucket holding the rest of each model's mass (SDPO's top-k +
+            tail, `lightning_caopd.divergence.topk`), for every ``divergence``.
+        fused: the student and teacher run their bodies without the LM head and the divergence
+            computes logits one chunk of completion positions at a time from the hidden states
+            (`lightning_caopd.divergence.fused`): no (B*K, T, V) logits exist; equal loss and
+            gradients.
     """
 
     divergence: str = "forward_kl"
@@ -76,6 +86,8 @@ class LossSettings:
     skip_first_tokens: int = 0
     chunk_size: int | None = None
     share_prompt_prefix: bool = True
+    topk: int | None = None
+    fused: bool = False
 
     def __post_init__(self) -> None:
         if self.divergence not in DIVERGENCES:
@@ -84,3 +96,13 @@ class LossSettings:
             _fail("method.loss.jsd_beta", self.jsd_beta, "a number in [0, 1]")
         _int("method.loss.skip_first_tokens", self.skip_first_tokens, 0)
         _int("method.loss.chunk_size", self.chunk_size, 1, allow_none=True)
+        _int("method.loss.topk", self.topk, 1, allow_none=True)
+        if not isinstance(self.fused, bool):
+            _fail("method.loss.fused", self.fused, "true or false")
+        if self.topk is not None and self.chunk_size is not None and not self.fused:
+            raise ConfigError(
+                f"method.loss.chunk_size={self.chunk_size} with method.loss.topk={self.topk}: the "
+                "top-k + tail divergence on materialised logits is not chunked. Set "
+                "method.loss.fused=true (chunked from hidden states) or "
+                "method.loss.chunk_size=null."
+            )

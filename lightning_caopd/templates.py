@@ -6,6 +6,11 @@ Two sources of privileged context, as in the paper:
 * ``correct_solution``: a verified correct rollout from the same group (its own confidence line
   replaced by ``Confidence: 1.00``). A group with no correct rollout falls back to the item's
   demonstration; the share of such groups is logged as ``train/no_correct_solution_frac``.
+* ``sdpo_sibling``: SDPO's context (Huebotter et al., arXiv 2601.20802), one per rollout: the
+  first verified correct rollout of the same group other than the rollout itself, with
+  ``<think>...</think>`` stripped and its confidence line replaced as above. A rollout is never
+  its own context (SDPO's ``dont_reprompt_on_self_success``); a rollout without a successful
+  sibling gets no context and leaves the loss (``train/sdpo_masked_frac``).
 
 The student and teacher prompts share one chat template: the teacher's messages are the
 student's messages (system message kept) with the context appended to the last user turn.
@@ -13,12 +18,26 @@ student's messages (system message kept) with the context appended to the last u
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from lightning_caopd.confidence import strip_confidence
 from lightning_caopd.tasks.base import last_user_index
 
-SOURCES = ("demo", "correct_solution")
+SOURCES = ("demo", "correct_solution", "sdpo_sibling")
+PER_ROLLOUT_SOURCES = ("sdpo_sibling",)
+_THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
+_THINK_TAIL = re.compile(r"^.*</think>\s*", re.DOTALL)
+
+
+def strip_thinking(text: str) -> str:
+    """Remove the reasoning from a completion, as SDPO does to a sibling it reuses as context.
+
+    Drops ``<think>...</think>`` blocks and, when the ``<think>`` sat in the prompt (a chat
+    template that opens it), everything up to a lone ``</think>``.
+    """
+    text = _THINK_BLOCK.sub("", text)
+    return _THINK_TAIL.sub("", text) if "</think>" in text else text
 
 
 def with_confidence(solution: str, confidence_line: str) -> str:
@@ -32,7 +51,8 @@ class TeacherTemplate:
     """Renders the teacher's privileged prompt.
 
     Args:
-        source: ``"demo"`` or ``"correct_solution"``.
+        source: ``"demo"``, ``"correct_solution"`` (one context per group) or
+            ``"sdpo_sibling"`` (one per rollout).
         user_format: format of the teacher's last user turn; fields ``{prompt}`` (the student's
             last user turn), ``{context}`` (the privileged context) and ``{note}`` (the CaOPD
             note, or empty).
@@ -57,6 +77,40 @@ class TeacherTemplate:
                     f"`method.template.user_format` must contain {field}; got {self.user_format!r}."
                 )
 
+    @property
+    def per_rollout(self) -> bool:
+        """Whether each rollout gets its own context (B*K teacher prompts instead of B)."""
+        return self.source in PER_ROLLOUT_SOURCES
+
+    def contexts(
+        self, item: dict, solutions: list[str], correct: list[bool]
+    ) -> tuple[list[str | None], bool]:
+        """The privileged contexts of one prompt group: one for the group, or one per rollout.
+
+        Args:
+            item: the dataset item.
+            solutions: the group's K rollout texts.
+            correct: whether each rollout was verified correct.
+
+        Returns:
+            ``[context]`` for a group source (`context`), or K entries for ``sdpo_sibling``:
+            rollout i's first successful sibling j != i, or None where there is none (that
+            rollout leaves the loss); and whether the group fell back to the demonstration.
+        """
+        if not self.per_rollout:
+            context, fell_back = self.context(item, solutions, correct)
+            return [context], fell_back
+        successes = [j for j, ok in enumerate(correct) if ok]
+        out: list[str | None] = []
+        for i in range(len(solutions)):
+            sibling = next((j for j in successes if j != i), None)
+            out.append(
+                None
+                if sibling is None
+                else with_confidence(strip_thinking(solutions[sibling]), self.confidence_line)
+            )
+        return out, False
+
     def context(self, item: dict, solutions: list[str], correct: list[bool]) -> tuple[str, bool]:
         """The privileged context for one prompt group.
 
@@ -68,7 +122,14 @@ class TeacherTemplate:
         Returns:
             The context text, and whether the ``correct_solution`` source had to fall back to the
             demonstration because no rollout in the group was correct.
+
+        Raises:
+            ValueError: for a per-rollout source (use `contexts`).
         """
+        if self.per_rollout:
+            raise ValueError(
+                f"source {self.source!r} gives one context per rollout: use contexts()."
+            )
         if self.source == "correct_solution":
             for text, ok in zip(solutions, correct, strict=True):
                 if ok:

@@ -136,7 +136,7 @@ def test_nonfinite_steps_in_a_row_stop_the_run_with_a_clear_message(
 
 def test_best_checkpoint_by_a_validation_metric(toy_base, tiny_overrides, make_cfg, tmp_path):
     # validation during training (every step) lets the `best` callback keep the best model by
-    # val/ece (conf/callbacks/default.yaml); ties keep the earlier one
+    # val/brier_all (conf/callbacks/default.yaml); ties keep the earlier one
     cfg = make_cfg(
         [
             "experiment=opd",
@@ -154,8 +154,8 @@ def test_best_checkpoint_by_a_validation_metric(toy_base, tiny_overrides, make_c
     last = torch.load(
         tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
     )
-    [best] = [v for k, v in last["callbacks"].items() if "val/ece" in k]
-    scores = logged(tmp_path, "val/ece")[1:]  # [0]: the evaluation before training
+    [best] = [v for k, v in last["callbacks"].items() if "val/brier_all" in k]
+    scores = logged(tmp_path, "val/brier_all")[1:]  # [0]: the evaluation before training
     assert len(scores) == 2 and best["best_model_score"].item() == pytest.approx(min(scores))
     step = 1 + scores.index(min(scores))
     assert Path(best["best_model_path"]).name == f"best-step{step}.ckpt"

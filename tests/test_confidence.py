@@ -1,6 +1,7 @@
 """Confidence parsing, spans and stripping (`lightning_caopd.confidence`), on good and bad text."""
 
 import doctest
+import time
 
 import pytest
 
@@ -19,6 +20,8 @@ from lightning_caopd.tasks.toy import ToyTask
         ("Confidence: 0", 0.0),
         ("Confidence: 1", 1.0),
         ("Confidence: 1.0", 1.0),
+        ("Confidence: 1.00", 1.0),
+        ("Confidence: 0.00", 0.0),
         ("confidence:0.25", 0.25),
         ("CONFIDENCE :   0.4", 0.4),
         ("Confidence: 0.8.", 0.8),
@@ -32,16 +35,33 @@ from lightning_caopd.tasks.toy import ToyTask
         ("Confidence: 0.5%", 0.005),
         ("Confidence: 100%", 1.0),
         ("Confidence: 150%", 1.0),
-        # 0-10 scale
+        # whole numbers: 0-10 scale
         ("Confidence: 7", 0.7),
+        ("Confidence: 8", 0.8),
         ("Confidence: 10", 1.0),
-        ("Confidence: 1.5", 0.15),
         ("Confidence: 8/10", 0.8),
-        # 10-100 scale
+        # whole numbers: 10-100 scale
+        ("Confidence: 75", 0.75),
         ("Confidence: 80", 0.8),
-        ("Confidence: 10.5", 0.105),
         ("Confidence: 100", 1.0),
         ("Confidence: 85/100", 0.85),
+        # a decimal point, comma or exponent: a probability as written, refused above 1
+        ("Confidence: 1.5", None),
+        ("Confidence: 10.5", None),
+        ("Confidence: 1.0000001", None),
+        ("Confidence: 2.0", None),
+        ("Confidence: 85.5", None),
+        ("Confidence: 0,8", 0.8),
+        ("Confidence: ,8", 0.8),
+        ("Confidence: 1,5", None),
+        ("Confidence: 75,5%", 0.755),
+        ("Confidence: 1e-5", 1e-5),
+        ("Confidence: 5E-1", 0.5),
+        ("Confidence: 2.5e-1", 0.25),
+        ("Confidence: 1e2", None),
+        ("Confidence: 1e", 1.0),  # no exponent digits: the whole number 1, then text
+        ("Confidence: 1e999", None),
+        ("Confidence: 0.8, fairly sure", 0.8),
         # clamping
         ("Confidence: 250", 1.0),
         ("Confidence: -0.3", 0.0),
@@ -50,6 +70,12 @@ from lightning_caopd.tasks.toy import ToyTask
         ("<confidence>0.3</confidence>", 0.3),
         ("<Confidence> 65% </Confidence>", 0.65),
         ("<confidence>\n9\n</confidence>", 0.9),
+        ("<confidence>0,8</confidence>", 0.8),
+        ("<confidence>3e-1 %</confidence>", 0.003),
+        ("<confidence>1.5</confidence>", None),
+        ("<confidence>x <confidence>0.3</confidence>", 0.3),  # the innermost opening pairs
+        ("<confidence>0.3</confidence></confidence>", 0.3),
+        ("<confidence>0.3</confidence><confidence>0.6", 0.3),  # the unclosed one is no tag
         ("<confidence>high</confidence>", None),
         ("<confidence>0.3 maybe</confidence>", None),
         # garbage and absence
@@ -126,8 +152,36 @@ def test_span_none_when_unparseable():
 def test_span_agrees_with_parse_on_all_table_cases():
     for text in ["Confidence: 0.8", "x <confidence>7</confidence>", "Confidence: 12 %"]:
         start, end = confidence_span(text)
-        number = float(text[start:end])
-        assert parse_confidence(text) == pytest.approx(confidence._scale(number, "%" in text))
+        assert parse_confidence(text) == confidence._read(text[start:end], "%" in text)
+    for text in ["Confidence: 0,8", "Confidence: 1e-5", "<confidence>.5</confidence>"]:
+        start, end = confidence_span(text)
+        assert float(text[start:end].replace(",", ".")) == parse_confidence(text)
+
+
+def test_refused_number_has_no_span_but_is_still_cut():
+    text = "<answer>B</answer>\nConfidence: 1.5"
+    assert parse_confidence(text) is None and confidence_span(text) is None
+    assert strip_confidence(text) == "<answer>B</answer>\n"
+
+
+# What the well-formed lines of the toy demo and the teacher's demonstrations give; CaOPD
+# splices its target at the span, so these must not move.
+WELL_FORMED = [
+    ("Confidence: 0.62", 0.62, (12, 16), ""),
+    ("Confidence: 1.00", 1.0, (12, 16), ""),
+    ("Confidence: 0.00", 0.0, (12, 16), ""),
+    ("<answer>B</answer>\nConfidence: 0.62\n", 0.62, (31, 35), "<answer>B</answer>\n"),
+    ("Answer: q\nConfidence: 1.00", 1.0, (22, 26), "Answer: q\n"),
+    ("x = 3. Confidence: 0.25", 0.25, (19, 23), "x = 3. "),
+    ("Answer: q\n<confidence>0.40</confidence>", 0.4, (22, 26), "Answer: q\n"),
+]
+
+
+@pytest.mark.parametrize(("text", "value", "span", "stripped"), WELL_FORMED)
+def test_well_formed_lines_parse_exactly(text, value, span, stripped):
+    assert parse_confidence(text) == value  # exact: the literal as float() reads it
+    assert confidence_span(text) == span
+    assert strip_confidence(text) == stripped
 
 
 def test_strip_cuts_at_line_start():
@@ -177,3 +231,56 @@ def test_bad_completions_are_wrong_and_unparseable(text):
     assert ToyTask().verify(text, toy_item) is False
     assert parse_confidence(text) is None
     assert science.ScienceTask().verify(text, {"answer": "B", "options": ["a", "b"]}) is False
+
+
+# --- adversarial text: every call returns quickly, in time linear in the text --------------
+
+MB = 1_000_000
+ADVERSARIAL = {
+    "label, spaces, no colon": ("confidence" + " " * MB, None),
+    "label, spaces and stars, no colon": ("Confidence" + " *" * (MB // 2), None),
+    "label, spaces around the colon": ("Confidence" + " " * MB + ":" + " " * MB + "0.5", 0.5),
+    "unclosed tags": ("<confidence>" * (MB // 12), None),
+    "unclosed tag, spaces": ("<confidence>" + " " * MB, None),
+    "closing tags only": ("</confidence>" * (MB // 13), None),
+    "tag, spaces after the number": ("<confidence>0.5" + " " * MB + "x</confidence>", None),
+    "tag, spaces around the percent": (
+        "<confidence>50" + " " * MB + "%" + " " * MB + "</confidence>",
+        0.5,
+    ),
+    "repeated labels": ("Confidence: " * (MB // 12), None),
+    "repeated tag pairs": ("<confidence>0.5</confidence>" * (MB // 28), 0.5),
+    "huge whole number": ("Confidence: " + "9" * MB, 1.0),
+    "long decimal": ("Confidence: 0." + "0" * MB + "1", pytest.approx(0.0)),
+    "huge exponent": ("Confidence: 1e" + "9" * MB, None),
+    "digits, no point digits": ("Confidence: " + "1" * MB + "." + "x", 1.0),
+    "newlines": ("\n" * MB, None),
+}
+
+
+def _cpu_seconds(fn, *args) -> float:
+    """CPU time of one call (process time: other work on a shared machine does not count)."""
+    start = time.process_time()
+    fn(*args)
+    return time.process_time() - start
+
+
+@pytest.mark.parametrize("name", ADVERSARIAL)
+def test_adversarial_text_is_parsed_quickly(name):
+    # The quadratic parser took 21 s on 8000 unclosed tags; these are a megabyte each and take
+    # milliseconds. 2 s of CPU time is far from both.
+    text, expected = ADVERSARIAL[name]
+    for fn in (parse_confidence, confidence_span, strip_confidence):
+        assert _cpu_seconds(fn, text) < 2.0, fn.__name__
+    assert parse_confidence(text) == expected
+    assert text.startswith(strip_confidence(text))
+
+
+def test_parse_time_grows_linearly():
+    # Four times the text, about four times the time; a quadratic parser takes sixteen. The
+    # least of three runs keeps a busy machine's noise out of the ratio.
+    def total(n: int) -> float:
+        texts = ["confidence" + " " * n, "<confidence>" * (n // 12), "Confidence: " * (n // 12)]
+        return sum(min(_cpu_seconds(strip_confidence, t) for _ in range(3)) for t in texts)
+
+    assert total(1_000_000) < 10 * total(250_000)

@@ -148,3 +148,21 @@ def test_paper_model_configs_compose_without_loading(name, hub, make_cfg, tmp_pa
         == cfg.model.tokenizer.pretrained_model_name_or_path
     )
     assert cfg.model.student.dtype == "bfloat16" and cfg.model.teacher is None
+
+
+def test_toy_base_model_with_another_domain_resolves(make_cfg, tmp_path):
+    # model=tiny names its base by data.world_seed, which only the toy data configs have
+    cfg = make_cfg(["model=tiny", "data=science", "data.path=rows.jsonl"], tmp_path)
+    resolved = OmegaConf.to_container(cfg.model, resolve=True)
+    assert resolved["path"].endswith("toy_base/world0")
+    assert resolved["base"]["overrides"] == {"data.world_seed": 0}
+    toy = make_cfg(["data.world_seed=3"], tmp_path)
+    assert OmegaConf.to_container(toy.model, resolve=True)["path"].endswith("toy_base/world3")
+
+
+def test_safe_prompt_length_and_multirun_dirs_named_by_overrides(make_cfg, tmp_path):
+    cfg = make_cfg(["experiment=caopd", "seed=1", "data.num_eval=5"], tmp_path)
+    assert cfg.method.rollout.max_prompt_length == 2048 and cfg.eval.max_prompt_length == 2048
+    assert cfg.hydra.sweep.subdir == "data.num_eval=5,experiment=caopd,seed=1"
+    named = make_cfg(["experiment=caopd", "data=science", "data.path=/x/rows.jsonl"], tmp_path)
+    assert named.hydra.sweep.subdir == "data=science,experiment=caopd"  # paths left out

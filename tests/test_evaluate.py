@@ -1,12 +1,20 @@
 """The evaluation entry point (`lightning_caopd.evaluate`): metrics, diagram, checkpoint weights."""
 
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from lightning_caopd.evaluate import evaluate, load_student_weights
-from tests.fixtures.runs import SCIENCE
+from lightning_caopd.evaluate import (
+    evaluate,
+    load_student_weights,
+    merge_overrides,
+    training_run_overrides,
+)
+from tests.fixtures.runs import SCIENCE, subprocess_env
 
 
 @pytest.mark.parametrize("split, n", [("all", 6), ("eval", 2)])
@@ -30,7 +38,12 @@ def test_evaluation_entry_point_writes_metrics_and_diagram(split, n, tiny_dir, m
     assert {"accuracy", "ece", "brier", "spr", "by_category"} <= written.keys()
     assert (tmp_path / "reliability.png").stat().st_size > 10_000
     records = (tmp_path / "completions.jsonl").read_text().splitlines()
-    assert len(records) == n and "completion" in json.loads(records[0])
+    assert len(records) == n
+    first = json.loads(records[0])
+    # the prompt as the model saw it: the chat template around the system turn and question
+    assert "completion" in first and first["prompt"].endswith("<|assistant|>")
+    assert first["prompt"].startswith("<|system|>\nGiven a question and four options")
+    assert "\nA: " in first["prompt"] and "D: " in first["prompt"]
 
 
 def test_checkpoint_weights_replace_the_student(tiny_dir, tmp_path):
@@ -50,3 +63,79 @@ def test_checkpoint_weights_replace_the_student(tiny_dir, tmp_path):
     torch.save({"state_dict": {"teacher.x": torch.zeros(1)}}, tmp_path / "bad.ckpt")
     with pytest.raises(ValueError, match="no student weights"):
         load_student_weights(student, tmp_path / "bad.ckpt")
+
+
+def test_training_run_overrides_keep_what_it_trained(tmp_path):
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(
+        "- experiment=opd_science\n- model=hf\n- data.path=rows.jsonl\n- trainer.max_steps=2\n"
+        "- ckpt_path=last\n- callbacks=minimal\n- +method.x=1\n"
+    )
+    overrides, folder = training_run_overrides(run / "checkpoints" / "last.ckpt")
+    assert folder == run.resolve()
+    assert overrides == [
+        "experiment=opd_science",
+        "model=hf",
+        "data.path=rows.jsonl",
+        "+method.x=1",
+    ]
+    assert training_run_overrides(tmp_path / "loose.ckpt") == ([], None)
+    assert merge_overrides(overrides, ["data.path=other.jsonl", "split=all"]) == [
+        "experiment=opd_science",
+        "model=hf",
+        "+method.x=1",
+        "data.path=other.jsonl",
+        "split=all",
+    ]
+
+
+def test_checkpoint_alone_scores_with_the_runs_own_config(tiny_dir, tmp_path):
+    from lightning_caopd.models import load_pretrained
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(
+        "\n".join(
+            f"- {o}"
+            for o in (
+                "experiment=opd_science",
+                "model=hf",
+                f"model.pretrained_model_name_or_path={tiny_dir}",
+                f"data.path={SCIENCE}",
+                "data.num_eval=2",
+                "trainer.max_steps=2",
+                "ckpt_path=last",
+            )
+        )
+        + "\n"
+    )
+    (run / "checkpoints").mkdir()
+    state = {f"student.{k}": v for k, v in load_pretrained(str(tiny_dir)).state_dict().items()}
+    torch.save({"state_dict": state}, run / "checkpoints" / "last.ckpt")
+    out_dir = tmp_path / "eval"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightning_caopd.evaluate",
+            f"checkpoint={run / 'checkpoints' / 'last.ckpt'}",
+            "eval.max_new_tokens=4",
+            "data.eval_batch_size=1",
+            f"hydra.run.dir={out_dir}",
+        ],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    written = json.loads((out_dir / "metrics.json").read_text())
+    assert written["n"] == 2 and written["run"]["data"] == SCIENCE
+    log = (out_dir / "evaluate.log").read_text()
+    assert "Composing the training run's config" in log and "Scored 1/2 items" in log
+    assert "Scored 2/2 items" in log and f"Wrote {out_dir / 'metrics.json'}" in log
+    wrote = next(line for line in out.stdout.splitlines() if line.startswith("Wrote "))
+    assert not re.search(r"\d\.\d{5,}", wrote)  # rounded
+    assert "Traceback" not in out.stderr and "Tip:" not in out.stdout + out.stderr

@@ -92,7 +92,7 @@ def test_wandb_offline_run_holds_config_history_image_and_table(
     train = [r for r in history if "train/loss" in r]
     assert len(train) == 2
     assert all(r["train/answer_entropy"] > 0 for r in train)
-    assert any("val/ece" in r for r in history)
+    assert any("val/brier_all" in r for r in history)  # val/ece only when a confidence is stated
     assert any("val/by_category/next/accuracy" in r for r in history)
 
     # the reliability diagram of both evaluations, and a rollout table per step
@@ -112,8 +112,8 @@ def test_wandb_offline_run_holds_config_history_image_and_table(
 
     # metrics.json keeps the diagram's bins, so reports can redraw it
     bins = result["reliability"]
-    assert sum(bins["count"]) == result["n"] == 24
-    assert sum(result["initial"]["reliability"]["count"]) == 24
+    assert sum(bins["count"]) == result["n_stated"] and result["n"] == 24  # stated items only
+    assert sum(result["initial"]["reliability"]["count"]) == result["initial"]["n_stated"]
 
 
 @pytest.mark.parametrize("choice", ["logger=many", "logger=[csv,wandb,tensorboard]"])

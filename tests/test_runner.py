@@ -1,6 +1,10 @@
-"""The runner (`lightning_caopd.runner`): two-step runs, a separate teacher, config errors."""
+"""The runner (`lightning_caopd.runner`): runs, a separate teacher, config checks, the run lock."""
 
 import json
+import os
+import re
+import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +13,8 @@ import pytest
 import torch
 
 from lightning_caopd import callbacks as callbacks_lib
-from lightning_caopd.runner import build, run
+from lightning_caopd.errors import ConfigError, RunDirError, user_message
+from lightning_caopd.runner import build, lock_output_dir, run
 from tests.fixtures.runs import ROOT, SCIENCE, TOOLUSE, subprocess_env
 from tests.fixtures.tiny_models import save_tiny_hf_model
 
@@ -123,9 +128,181 @@ def test_unknown_config_group_and_key_are_one_paragraph_errors(make_cfg, tmp_pat
         timeout=120,
     )
     assert out.returncode != 0
-    assert "Could not find 'method/bogus'" in out.stderr and "\tcaopd\n\topd\n" in out.stderr
+    assert "Could not find 'method/bogus'" in out.stderr
+    assert "\tcaopd\n" in out.stderr and "\topd\n" in out.stderr
     assert "Traceback" not in out.stderr
     from hydra.errors import ConfigCompositionException
 
     with pytest.raises(ConfigCompositionException, match=r"Could not override 'method\.bogus_key'"):
         make_cfg(["method.bogus_key=1"], tmp_path)
+
+
+# Every bad value of issue 17: one sentence naming the key, the value and the range.
+BAD_VALUES = [
+    ("method.rollout.num_rollouts=abc", "method.rollout.num_rollouts='abc'", "an integer >= 1"),
+    ("method.rollout.num_rollouts=0", "method.rollout.num_rollouts=0", "an integer >= 1"),
+    ("method.rollout.num_rollouts=-1", "method.rollout.num_rollouts=-1", "an integer >= 1"),
+    ("method.rollout.temperature=0", "method.rollout.temperature=0", "a number > 0"),
+    ("method.rollout.temperature=-1", "method.rollout.temperature=-1", "a number > 0"),
+    ("method.rollout.max_new_tokens=0", "method.rollout.max_new_tokens=0", "an integer >= 1"),
+    ("method.rollout.top_p=2", "method.rollout.top_p=2", "a number in (0, 1]"),
+    ("data.batch_size=0", "data.batch_size=0", "an integer >= 1"),
+    ("method.loss.divergence=foo", "method.loss.divergence='foo'", "one of ('forward_kl'"),
+    ("method.loss.jsd_beta=2", "method.loss.jsd_beta=2", "a number in [0, 1]"),
+    ("method.loss.skip_first_tokens=-1", "method.loss.skip_first_tokens=-1", "an integer >= 0"),
+    ("eval.max_new_tokens=0", "eval.max_new_tokens=0", "an integer >= 1"),
+    ("data.num_eval=0", "data.num_eval=0", "an integer >= 1"),
+]
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if the run reaches the base's build or any model's loading."""
+    import lightning_caopd.runner as runner
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config was checked")
+
+    monkeypatch.setattr(runner, "prepare_base", loaded)
+    monkeypatch.setattr(runner, "build_student", loaded)
+
+
+@pytest.mark.parametrize("override, named, allowed", BAD_VALUES)
+def test_bad_value_stops_the_run_before_any_model_loads(
+    override, named, allowed, no_model, tiny_overrides, make_cfg, tmp_path
+):
+    cfg = make_cfg([*tiny_overrides, override], tmp_path)
+    with pytest.raises(ConfigError) as info:
+        run(cfg)
+    message = str(info.value)
+    assert message.startswith(f"{named} is out of range: it must be {allowed}")
+    assert "\n" not in message and user_message(info.value) == f"Error: {message}"
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("method.rollout.top_p=2", "method.rollout.top_p=2 is out of range"),
+        ("method.loss.divergence=foo", "method.loss.divergence='foo' is out of range"),
+    ],
+)
+def test_train_py_prints_the_paragraph_without_traceback(override, expected, tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            override,
+            f"hydra.run.dir={tmp_path / 'run'}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+        ],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith(f"Error: {expected}")
+    assert "Traceback" not in out.stderr and "InstantiationException" not in out.stderr
+    assert not (tmp_path / "cache").exists()  # the toy base was neither built nor loaded
+    assert expected in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_output_dir_in_use_by_a_live_run_is_refused(no_model, tiny_overrides, make_cfg, tmp_path):
+    cfg = make_cfg(tiny_overrides, tmp_path)
+    with lock_output_dir(tmp_path):
+        with pytest.raises(RunDirError, match=f"{tmp_path} is in use by another run") as info:
+            run(cfg)
+        assert f"pid {os.getpid()}" in str(info.value)
+    # once the other run has stopped the directory is free again (a resume may take it)
+    with lock_output_dir(tmp_path):
+        pass
+
+
+def test_output_dir_held_by_another_process_is_refused(tmp_path):
+    code = (
+        "import sys, time; from pathlib import Path; "
+        "from lightning_caopd.runner import lock_output_dir\n"
+        f"with lock_output_dir(Path({str(tmp_path)!r})):\n"
+        "    print('held', flush=True); time.sleep(60)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code], env=subprocess_env(), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirError, match=f"pid {holder.pid} "):
+            with lock_output_dir(tmp_path):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with lock_output_dir(tmp_path):  # a killed run leaves no stale lock
+        pass
+
+
+def test_full_disk_is_one_paragraph_and_leaves_no_partial_checkpoint(tiny_dir, tmp_path):
+    def small_files():  # writes past 60 kB fail as on a full disk (EFBIG instead of ENOSPC)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+
+    run_dir = tmp_path / "run"
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "experiment=opd_science",
+            "model=hf",
+            f"model.pretrained_model_name_or_path={tiny_dir}",
+            f"data.path={SCIENCE}",
+            "data.num_eval=2",
+            "callbacks.best=null",
+            f"hydra.run.dir={run_dir}",
+            *SHORT[:-2],
+        ],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        preexec_fn=small_files,
+    )
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: Could not write") and "File too large" in last
+    assert list((run_dir / "checkpoints").iterdir()) == []  # no truncated last.ckpt, no temp file
+
+
+def test_train_log_holds_the_console_and_the_console_is_quiet(tiny_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "experiment=opd_science",
+            "model=hf",
+            f"model.pretrained_model_name_or_path={tiny_dir}",
+            f"data.path={SCIENCE}",
+            "data.num_eval=2",
+            "callbacks.best=null",
+            f"hydra.run.dir={run_dir}",
+            *SHORT[:-2],
+        ],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    console = out.stdout + out.stderr
+    log = (run_dir / "train.log").read_text()
+    for line in ("GPU available: False", "`Trainer.fit` stopped", "Wrote "):
+        assert line in console and line in log
+    wrote = next(line for line in out.stdout.splitlines() if line.startswith("Wrote "))
+    assert f"{run_dir / 'metrics.json'} (n 2, accuracy " in wrote
+    assert not re.search(r"\d\.\d{5,}", wrote)  # rounded
+    assert "loss: " in out.stdout  # on the progress bar
+    for noise in ("Tip:", "litlogger", "LeafSpec", "Found ", "Traceback"):
+        assert noise not in console

@@ -1,8 +1,8 @@
-"""Teacher contexts and chats (`lightning_caopd.templates`): demo, correct solution, bad configs."""
+"""Teacher contexts and chats (`lightning_caopd.templates`): demo, correct solution, SDPO."""
 
 import pytest
 
-from lightning_caopd.templates import TeacherTemplate
+from lightning_caopd.templates import TeacherTemplate, strip_thinking
 
 
 def test_demo_template_puts_context_in_last_user_turn_and_keeps_system():
@@ -37,3 +37,70 @@ def test_bad_template_config_is_a_clear_error():
         TeacherTemplate(source="oracle")
     with pytest.raises(ValueError, match="context"):
         TeacherTemplate(user_format="{prompt}{note}")
+
+
+SDPO_FORMAT = (
+    "{prompt}\nCorrect solution:\n\n{context}{note}\n\nCorrectly solve the original question."
+)
+
+
+def sdpo() -> TeacherTemplate:
+    return TeacherTemplate(source="sdpo_sibling", user_format=SDPO_FORMAT)
+
+
+def test_sdpo_rollout_is_never_its_own_context():
+    texts = [f"Answer: {c}\nConfidence: 0.{i}" for i, c in enumerate("abcd")]
+    contexts, fell_back = sdpo().contexts({"demo": "Answer: z"}, texts, [True, False, True, False])
+    # the successes 0 and 2 see each other; the failures see the first success
+    assert contexts == [
+        "Answer: c\nConfidence: 1.00",
+        "Answer: a\nConfidence: 1.00",
+        "Answer: a\nConfidence: 1.00",
+        "Answer: a\nConfidence: 1.00",
+    ]
+    assert not fell_back
+    # every pattern of verdicts in a group of 4: rollout i's context is never its own text, and
+    # it has one exactly when another rollout succeeded
+    template = sdpo()
+    for bits in range(16):
+        correct = [bool(bits >> i & 1) for i in range(4)]
+        contexts, _ = template.contexts({"demo": "d"}, texts, correct)
+        for i, ctx in enumerate(contexts):
+            assert ctx != template.contexts({"demo": "d"}, [texts[i]] * 2, [True, True])[0][0]
+            assert (ctx is None) == (sum(correct) - correct[i] == 0)
+
+
+def test_sdpo_one_success_is_its_siblings_context_and_is_masked_itself():
+    texts = ["Answer: a", "Answer: b", "Answer: c"]
+    contexts, _ = sdpo().contexts({"demo": "Answer: z"}, texts, [False, True, False])
+    assert contexts == [
+        "Answer: b\nConfidence: 1.00",
+        None,
+        "Answer: b\nConfidence: 1.00",
+    ]
+
+
+def test_sdpo_group_without_success_has_no_context_and_no_demo_fallback():
+    contexts, fell_back = sdpo().contexts({"demo": "Answer: z"}, ["x", "y"], [False, False])
+    assert contexts == [None, None] and not fell_back
+    with pytest.raises(ValueError, match="one context per rollout"):
+        sdpo().context({"demo": "Answer: z"}, ["x"], [True])
+
+
+def test_sdpo_prompt_is_the_question_then_the_sibling_then_the_instruction():
+    student = [{"role": "user", "content": "Q?"}]
+    msgs = sdpo().messages(student, "Answer: b\nConfidence: 1.00", note="NOTE")
+    assert msgs[0]["content"] == (
+        "Q?\nCorrect solution:\n\nAnswer: b\nConfidence: 1.00\nNOTE"
+        "\n\nCorrectly solve the original question."
+    )
+
+
+def test_thinking_is_stripped_from_the_sibling():
+    assert strip_thinking("<think>a\nb</think>\nAnswer: x") == "Answer: x"
+    assert strip_thinking("x <think>1</think> y <think>2</think>z") == "x y z"
+    assert strip_thinking("reasoning opened in the prompt</think>Answer: x") == "Answer: x"
+    assert strip_thinking("Answer: x") == "Answer: x"
+    texts = ["<think>long\nthought</think>\nAnswer: b\nConfidence: 0.3", "Answer: c"]
+    contexts, _ = sdpo().contexts({"demo": "d"}, texts, [True, False])
+    assert contexts == [None, "Answer: b\nConfidence: 1.00"]

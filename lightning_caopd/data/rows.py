@@ -9,18 +9,27 @@ the same split), ``num_eval`` rows are held out of training: a fixed random choi
 ``split_seed``, independent of the run's seed, so every run of an experiment scores the same
 items. Otherwise ``num_eval`` caps the evaluation rows (null keeps them all). ``limit`` keeps
 only the first rows of each source, before the split.
+
+Duplicates: rows whose prompt (``messages``) another row repeats are counted in the log and never
+held out, so no evaluation item is also a training item; with a separate evaluation source the
+evaluation rows that also appear among the training rows are counted.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import random
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from lightning_caopd.data.base import ItemDataModule
+from lightning_caopd.data.base import ItemDataModule, check_int
 from lightning_caopd.data.loading import load_rows
 from lightning_caopd.errors import DataError
 from lightning_caopd.tasks import science, tooluse
+
+log = logging.getLogger(__name__)
 
 
 def _same_rows(a: str, split_a: str | None, b: str, split_b: str | None) -> bool:
@@ -33,13 +42,17 @@ def _same_rows(a: str, split_a: str | None, b: str, split_b: str | None) -> bool
     return str(a) == str(b)
 
 
-def held_out_indices(n: int, num_eval: int, seed: int) -> list[int]:
+def held_out_indices(n: int, num_eval: int, seed: int, exclude: Iterable[int] = ()) -> list[int]:
     """Which of `n` rows to hold out for evaluation: `num_eval` of them, seeded, sorted.
+
+    The rows are drawn in one seeded order of all `n`, skipping `exclude`, so rows outside
+    `exclude` are chosen as they would be without it.
 
     Args:
         n: number of rows.
         num_eval: rows to hold out.
         seed: the split's seed.
+        exclude: rows never held out (duplicates).
 
     Returns:
         Sorted row indices.
@@ -47,10 +60,30 @@ def held_out_indices(n: int, num_eval: int, seed: int) -> list[int]:
     Examples:
         >>> held_out_indices(10, 3, seed=0) == held_out_indices(10, 3, seed=0)
         True
+        >>> 4 in held_out_indices(10, 9, seed=0, exclude=[4])
+        False
     """
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    return sorted(order[:num_eval])
+    skip = set(exclude)
+    return sorted([i for i in order if i not in skip][:num_eval])
+
+
+def prompt_key(item: dict) -> str:
+    """What makes two items the same question: their prompt messages."""
+    return json.dumps(item["messages"], sort_keys=True, ensure_ascii=False)
+
+
+def duplicate_indices(items: list[dict]) -> list[int]:
+    """The indices of the items whose prompt another item repeats (every copy).
+
+    Examples:
+        >>> a, b = {"messages": [{"content": "a"}]}, {"messages": [{"content": "b"}]}
+        >>> duplicate_indices([a, b, a])
+        [0, 2]
+    """
+    counts = Counter(prompt_key(it) for it in items)
+    return [i for i, it in enumerate(items) if counts[prompt_key(it)] > 1]
 
 
 class RowsDataModule(ItemDataModule):
@@ -85,9 +118,9 @@ class RowsDataModule(ItemDataModule):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        for name, value in (("num_eval", num_eval), ("limit", limit)):
-            if value is not None and value < 1:
-                raise ValueError(f"`data.{name}` must be a positive number or null; got {value}.")
+        check_int("data.num_eval", num_eval, 1, allow_none=True)
+        check_int("data.limit", limit, 1, allow_none=True)
+        check_int("data.split_seed", split_seed, 0)
         self.path = str(path)
         self.eval_path = str(eval_path) if eval_path is not None else self.path
         self.row_to_item = row_to_item
@@ -118,6 +151,17 @@ class RowsDataModule(ItemDataModule):
         if not _same_rows(self.path, self.split, self.eval_path, self.eval_split):
             self.train_items = train
             self.eval_items = self.load_items(self.eval_path, self.eval_split)[: self.num_eval]
+            seen = {prompt_key(it) for it in train}
+            shared = sum(prompt_key(it) in seen for it in self.eval_items)
+            if shared:
+                log.warning(
+                    "%d of the %d evaluation rows of %s also appear (same prompt) among the "
+                    "training rows of %s: their scores measure memory, not generalisation.",
+                    shared,
+                    len(self.eval_items),
+                    self.eval_path,
+                    self.path,
+                )
             return
         if self.num_eval is None or self.num_eval >= len(train):
             raise DataError(
@@ -126,7 +170,24 @@ class RowsDataModule(ItemDataModule):
                 f"{self.num_eval}. Set it below {len(train)}, or give separate evaluation "
                 "rows with `data.eval_path`."
             )
-        held = set(held_out_indices(len(train), self.num_eval, self.split_seed))
+        dups = duplicate_indices(train)
+        if dups:
+            log.warning(
+                "%s: %d of its %d rows repeat another row's prompt (%d distinct prompts); they "
+                "stay in training and none of them is held out for evaluation.",
+                self.path,
+                len(dups),
+                len(train),
+                len({prompt_key(train[i]) for i in dups}),
+            )
+        if self.num_eval > len(train) - len(dups):
+            raise DataError(
+                f"{self.path}: only {len(train) - len(dups)} of its {len(train)} rows have a "
+                f"prompt no other row repeats, fewer than data.num_eval={self.num_eval}; a "
+                "repeated row cannot be held out (its copy would be trained on). Lower "
+                "data.num_eval, remove the duplicates, or give evaluation rows with data.eval_path."
+            )
+        held = set(held_out_indices(len(train), self.num_eval, self.split_seed, exclude=dups))
         self.eval_items = [it for i, it in enumerate(train) if i in held]
         self.train_items = [it for i, it in enumerate(train) if i not in held]
 

@@ -6,7 +6,7 @@ import random
 
 from torch.utils.data import DataLoader, Sampler
 
-from lightning_caopd.data.base import ItemDataModule
+from lightning_caopd.data.base import ItemDataModule, check_int
 from lightning_caopd.tasks.toy import make_items
 
 
@@ -32,6 +32,9 @@ class ToyDataModule(ItemDataModule):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        check_int("data.num_train", num_train, 1)
+        check_int("data.num_eval", num_eval, 1)
+        check_int("data.world_seed", world_seed, 0)
         self.train_items = make_items(num_train, seed, "train", world_seed)
         self.eval_items = make_items(num_eval, seed, "eval", world_seed)
 
@@ -79,6 +82,8 @@ class ToyWarmupDataModule(ItemDataModule):
 
     def __init__(self, dataset, num_eval: int = 600, seed: int = 0, world_seed: int = 0, **kwargs):
         super().__init__(**kwargs)
+        check_int("data.num_eval", num_eval, 1)
+        check_int("data.world_seed", world_seed, 0)
         self.train_items = dataset
         self.seed = seed
         self.eval_items = make_items(num_eval, seed, "eval", world_seed)

@@ -8,6 +8,7 @@ Layout: :mod:`.functional` holds the pure update/compute functions, :mod:`.class
 from lightning_caopd.metrics.classes import (
     AURC,
     BrierScore,
+    BrierScoreAll,
     ExpectedCalibrationError,
     FormatRate,
     MeanAccuracy,
@@ -19,6 +20,7 @@ from lightning_caopd.metrics.collection import CalibrationMetrics
 from lightning_caopd.metrics.functional import (
     aurc,
     brier_score,
+    brier_score_all,
     expected_calibration_error,
     overconfidence_gap,
     strict_pairwise_ranking,
@@ -28,6 +30,7 @@ from lightning_caopd.metrics.plot import plot_reliability_diagram, save_reliabil
 __all__ = [
     "AURC",
     "BrierScore",
+    "BrierScoreAll",
     "CalibrationMetrics",
     "ExpectedCalibrationError",
     "FormatRate",
@@ -37,6 +40,7 @@ __all__ = [
     "StrictPairwiseRanking",
     "aurc",
     "brier_score",
+    "brier_score_all",
     "expected_calibration_error",
     "overconfidence_gap",
     "plot_reliability_diagram",

@@ -131,6 +131,28 @@ class BrierScore(_MeanMetric):
         return (confidence.double() - correct.double()) ** 2
 
 
+class BrierScoreAll(BrierScore):
+    """Brier score over every output, one without a stated confidence (NaN) scored worst.
+
+    An unstated confidence counts as 1 on a wrong answer and 0 on a right one: a squared error
+    of 1, the most any stated confidence can cost. So stating a confidence never scores worse
+    than stating none, and a model that states none scores 1.0, the maximum. With every
+    confidence stated it equals :class:`BrierScore`. The default sweep objective
+    (``optimized_metric: brier_all``).
+
+    Example:
+        >>> metric = BrierScoreAll()
+        >>> metric.update(torch.tensor([1.0, 0.5, float("nan")]), torch.tensor([1, 0, 0]))
+        >>> metric.compute()
+        tensor(0.4167, dtype=torch.float64)
+    """
+
+    _sum_state = "sum_squared_error_all"
+
+    def _inputs(self, confidence: Tensor, correct: Tensor) -> tuple[Tensor, Tensor]:
+        return F._fill_unstated(confidence, correct, self.validate_args)
+
+
 class OverconfidenceGap(_MeanMetric):
     """Overconfidence gap (OCG): mean confidence minus accuracy, as in arXiv 2604.16830.
 

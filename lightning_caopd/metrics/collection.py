@@ -12,6 +12,7 @@ from torchmetrics.classification import BinaryAUROC
 from lightning_caopd.metrics.classes import (
     AURC,
     BrierScore,
+    BrierScoreAll,
     ExpectedCalibrationError,
     FormatRate,
     MeanAccuracy,
@@ -19,24 +20,34 @@ from lightning_caopd.metrics.classes import (
     OverconfidenceGap,
     StrictPairwiseRanking,
 )
-from lightning_caopd.metrics.functional import _format_inputs
+from lightning_caopd.metrics.functional import _fill_unstated
 from lightning_caopd.metrics.plot import save_reliability_diagram
 
-KEYS = ("accuracy", "mean_confidence", "ece", "brier", "ocg", "spr", "auroc", "aurc")
+# Over every item: accuracy and the Brier score with unstated confidences scored worst.
+ALL_ITEMS = ("accuracy", "brier_all")
+# Over the items that state a confidence (None when there is none).
+STATED = ("accuracy_stated", "mean_confidence", "ece", "brier", "ocg", "spr", "auroc", "aurc")
+KEYS = (*ALL_ITEMS, *STATED)
 
 
 class _Group(nn.Module):
     """The metrics of one slice of the data (everything, or one category)."""
 
-    def __init__(self, n_bins: int, fallback_confidence: float) -> None:
+    def __init__(self, n_bins: int) -> None:
         super().__init__()
-        self.fallback_confidence = fallback_confidence
-        self.format_rate = FormatRate()
+        self.format_rate = FormatRate()  # its counts are n and n_stated
         # The inputs are checked once by CalibrationMetrics.update, not by every member.
-        # SPR and AURC keep identical value states: one copy serves both (compute group).
-        self.scores = MetricCollection(
+        self.all_items = MetricCollection(
             {
                 "accuracy": MeanAccuracy(validate_args=False),
+                "brier_all": BrierScoreAll(validate_args=False),
+            },
+            compute_groups=False,
+        )
+        # SPR and AURC keep identical value states: one copy serves both (compute group).
+        self.stated = MetricCollection(
+            {
+                "accuracy_stated": MeanAccuracy(validate_args=False),
                 "mean_confidence": MeanConfidence(validate_args=False),
                 "ece": ExpectedCalibrationError(n_bins=n_bins, validate_args=False),
                 "brier": BrierScore(validate_args=False),
@@ -49,28 +60,40 @@ class _Group(nn.Module):
         )
 
     def update(self, confidence: Tensor, correct: Tensor) -> None:
-        self.format_rate.update(confidence)
-        confidence = torch.where(torch.isnan(confidence), self.fallback_confidence, confidence)
         # BinaryAUROC wants integer targets; the calibration metrics accept them too.
-        self.scores.update(confidence, correct.long())
+        correct = correct.long()
+        self.format_rate.update(confidence)
+        self.all_items.update(confidence, correct)
+        stated = ~torch.isnan(confidence)
+        # Called even when nothing is stated, so every rank's states carry the right dtypes.
+        self.stated.update(confidence[stated], correct[stated])
 
     def metric(self, name: str) -> Any:
-        """One member of ``scores``, without copying shared compute-group states."""
-        return dict(self.scores.items(keep_base=True, copy_state=False))[name]
+        """One member of ``stated``, without copying shared compute-group states."""
+        return dict(self.stated.items(keep_base=True, copy_state=False))[name]
+
+    def reset(self) -> None:
+        """Forget all samples."""
+        for member in (self.format_rate, self.all_items, self.stated):
+            member.reset()
 
     def compute(self) -> dict[str, Any]:
         """Plain-Python values; every rank must call this in the same order (collectives)."""
         with self.format_rate.sync_context():
             n, parsed = int(self.format_rate.total), int(self.format_rate.parsed)
         values: dict[str, Any] = dict.fromkeys(KEYS)
-        values.update(format_rate=None, n=n)
+        values.update(format_rate=None, n=n, n_stated=parsed)
         if n == 0:  # synced, so every rank takes this branch together
             return values
         values["format_rate"] = parsed / n
-        for name, metric in self.scores.items(keep_base=True, copy_state=False):
+        for name, metric in self.all_items.items(keep_base=True, copy_state=False):
+            values[name] = float(metric.compute())
+        if parsed == 0:  # no stated confidence: calibration is undefined, not perfect
+            return values
+        for name, metric in self.stated.items(keep_base=True, copy_state=False):
             if name != "auroc":
                 values[name] = float(metric.compute())
-        if 0.0 < values["accuracy"] < 1.0:  # AUROC needs both classes
+        if 0.0 < values["accuracy_stated"] < 1.0:  # AUROC needs both classes
             values["auroc"] = float(self.metric("auroc").compute())
         return values
 
@@ -82,9 +105,13 @@ class CalibrationMetrics(nn.Module):
     overconfidence gap (OCG), strict pairwise ranking (SPR), AUROC (torchmetrics'
     ``BinaryAUROC``), AURC and the format rate.
 
-    Unparseable outputs are passed as NaN confidence: they count against ``format_rate`` and
-    are scored with ``fallback_confidence`` by every other metric, so a model cannot improve
-    its calibration by refusing to state a confidence.
+    An output without a parseable confidence is passed as NaN. It states nothing, so it is no
+    statement of zero confidence: ``accuracy`` and ``format_rate`` cover every item, the
+    calibration and ranking metrics (``accuracy_stated``, ``mean_confidence``, ``ece`` and its
+    reliability bins, ``brier``, ``ocg``, ``spr``, ``auroc``, ``aurc``) only the ``n_stated``
+    items that state a confidence, and are ``None`` when there is none. ``brier_all`` covers
+    every item with an unstated confidence scored as the worst for its verdict (squared error
+    1), so a model cannot improve it by refusing to state a confidence.
 
     Every state is a torchmetrics state, so under DDP ``compute()`` returns on every rank the
     values of the union of all ranks' data. All ranks must call ``compute()`` together, and
@@ -94,7 +121,6 @@ class CalibrationMetrics(nn.Module):
     Args:
         categories: Names of the categories that ``update``'s ``category`` indexes.
         n_bins: ECE bins (uniform).
-        fallback_confidence: Confidence scored for unparseable outputs.
 
     Example:
         >>> metrics = CalibrationMetrics(categories=["math", "code"])
@@ -104,31 +130,23 @@ class CalibrationMetrics(nn.Module):
         ...     category=torch.tensor([0, 0, 1, 1]),
         ... )
         >>> result = metrics.compute()
-        >>> result["n"], result["format_rate"], result["accuracy"]
-        (4, 0.75, 0.5)
-        >>> result["by_category"]["math"]["spr"]
-        1.0
+        >>> result["n"], result["n_stated"], result["format_rate"], result["accuracy"]
+        (4, 3, 0.75, 0.5)
+        >>> math_ = result["by_category"]["math"]  # 0.9 stated on a right answer, one unstated
+        >>> math_["n_stated"], round(math_["ece"], 4), math_["accuracy"]
+        (1, 0.1, 0.5)
+        >>> round(result["brier_all"], 4)  # (0.01 + 1 + 0.36 + 0.64) / 4
+        0.5025
     """
 
-    def __init__(
-        self,
-        categories: list[str] | None = None,
-        n_bins: int = 10,
-        fallback_confidence: float = 0.0,
-    ) -> None:
+    def __init__(self, categories: list[str] | None = None, n_bins: int = 10) -> None:
         super().__init__()
-        if not 0.0 <= fallback_confidence <= 1.0:
-            raise ValueError(
-                f"`fallback_confidence` must lie in [0, 1], got {fallback_confidence}."
-            )
         self.categories = list(categories or [])
         if len(set(self.categories)) != len(self.categories):
             raise ValueError(f"Duplicate category names in {self.categories}.")
-        self.overall = _Group(n_bins, fallback_confidence)
+        self.overall = _Group(n_bins)
         # Indexed by position: category names need not be valid module names.
-        self.by_category = nn.ModuleList(
-            _Group(n_bins, fallback_confidence) for _ in self.categories
-        )
+        self.by_category = nn.ModuleList(_Group(n_bins) for _ in self.categories)
 
     def update(self, confidence: Tensor, correct: Tensor, category: Tensor | None = None) -> None:
         """Add one batch.
@@ -145,8 +163,7 @@ class CalibrationMetrics(nn.Module):
                 NaN), ``correct`` outside {0, 1}, or a missing or too large ``category``.
         """
         confidence, correct = confidence.flatten(), correct.flatten()
-        fallback = self.overall.fallback_confidence
-        _format_inputs(torch.nan_to_num(confidence, nan=fallback), correct)  # raises if bad
+        _fill_unstated(confidence, correct)  # raises if bad; NaN is allowed
         if category is None:
             if self.categories:
                 raise ValueError("`category` is required when categories are set.")
@@ -171,11 +188,13 @@ class CalibrationMetrics(nn.Module):
         """Compute all values as plain Python numbers.
 
         Returns:
-            ``{"accuracy", "mean_confidence", "ece", "brier", "ocg", "spr", "auroc", "aurc",
-            "format_rate"}`` as floats, ``"n"`` as int, and ``"by_category"``: the same dict
-            (without ``by_category``) for each category that has samples. ``auroc`` is
-            ``None`` when only one class is present (undefined; JSON cannot store NaN); every
-            value but ``n`` is ``None`` when there are no samples.
+            ``{"accuracy", "brier_all", "format_rate"}`` over all items and ``{"accuracy_stated",
+            "mean_confidence", "ece", "brier", "ocg", "spr", "auroc", "aurc"}`` over the items
+            that state a confidence, as floats; ``"n"`` and ``"n_stated"`` as ints; and
+            ``"by_category"``: the same dict (without ``by_category``) for each category that
+            has samples. The stated-item values are ``None`` when no item states a confidence
+            (undefined, not perfect; JSON cannot store NaN), ``auroc`` also when only one class
+            is present; every value but the counts is ``None`` when there are no samples.
         """
         result = self.overall.compute()
         result["by_category"] = {}
@@ -188,7 +207,8 @@ class CalibrationMetrics(nn.Module):
     def reliability_bins(self) -> dict[str, list]:
         """The overall reliability diagram's bins as JSON-ready lists.
 
-        None stands for an empty bin's means; ``metrics.json`` keeps them under ``reliability``.
+        Only items that state a confidence are binned (the counts sum to ``n_stated``). None
+        stands for an empty bin's means; ``metrics.json`` keeps them under ``reliability``.
 
         Under DDP every rank must call this: the bins are gathered.
         """
@@ -201,8 +221,7 @@ class CalibrationMetrics(nn.Module):
     def reset(self) -> None:
         """Forget all samples."""
         for group in (self.overall, *self.by_category):
-            group.format_rate.reset()
-            group.scores.reset()
+            group.reset()
 
     def save_reliability_diagram(self, path: str | Path, title: str | None = None) -> Path:
         """Save the reliability diagram of the overall ECE as a PNG.

@@ -4,6 +4,10 @@ Every metric scores a stated confidence ``c`` in ``[0, 1]`` against the verifier
 ``y`` in ``{0, 1}``. The ``_*_update`` functions turn one batch into state; the ``_*_compute``
 functions turn state into a value. The public functions at the bottom do both for one pair of
 tensors, torchmetrics-functional style.
+
+An output without a parseable confidence (NaN) states nothing: the calibration metrics take only
+stated confidences (``CalibrationMetrics`` drops the NaN ones), and :func:`brier_score_all`
+scores it as the worst confidence for its verdict.
 """
 
 from typing import Literal
@@ -46,12 +50,28 @@ def _format_inputs(
     if validate_args:
         if not bool(((confidence >= 0) & (confidence <= 1)).all()):
             raise ValueError(
-                "`confidence` must lie in [0, 1] without NaN; fill unparseable outputs first"
-                " (CalibrationMetrics does this with `fallback_confidence`)."
+                "`confidence` must lie in [0, 1] without NaN; pass stated confidences only"
+                " (CalibrationMetrics drops NaN ones; BrierScoreAll scores them as the worst)."
             )
         if correct.dtype != torch.bool and not bool(((correct == 0) | (correct == 1)).all()):
             raise ValueError("`correct` must be bool or hold only 0 and 1.")
     return confidence, correct.bool()
+
+
+def _fill_unstated(
+    confidence: Tensor, correct: Tensor, validate_args: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Like :func:`_format_inputs`, but NaN becomes the worst confidence for the verdict.
+
+    A wrong answer without a stated confidence is scored as confidence 1, a right one as 0, so
+    its squared error is 1: the most any stated confidence can cost.
+    """
+    confidence, _ = _format_inputs(confidence, correct, validate_args=False)  # shapes, dtype
+    correct = correct.detach().flatten()
+    worst = (correct == 0).to(confidence.dtype)  # (N,) 1.0 where wrong, 0.0 where right
+    return _format_inputs(
+        torch.where(torch.isnan(confidence), worst, confidence), correct, validate_args
+    )
 
 
 def _mean_update(values: Tensor) -> tuple[Tensor, Tensor]:
@@ -185,6 +205,17 @@ def brier_score(confidence: Tensor, correct: Tensor) -> Tensor:
         tensor(0.1250, dtype=torch.float64)
     """
     confidence, correct = _format_inputs(confidence, correct)
+    return _mean_compute(*_mean_update((confidence.double() - correct.double()) ** 2))
+
+
+def brier_score_all(confidence: Tensor, correct: Tensor) -> Tensor:
+    """Brier score over every output; NaN (no stated confidence) scores the worst, 1.
+
+    Example:
+        >>> brier_score_all(torch.tensor([1.0, 0.5, float("nan")]), torch.tensor([1, 0, 0]))
+        tensor(0.4167, dtype=torch.float64)
+    """
+    confidence, correct = _fill_unstated(confidence, correct)
     return _mean_compute(*_mean_update((confidence.double() - correct.double()) ** 2))
 
 

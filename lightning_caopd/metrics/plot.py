@@ -10,6 +10,7 @@ process).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ def _column(values: Sequence[float | None] | Tensor) -> np.ndarray:
 
 def plot_reliability_diagram(
     bins: Bins,
-    ece: float,
+    ece: float | None,
     ax: Any = None,
     title: str | None = None,
     strategy: str = "uniform",
@@ -45,13 +46,14 @@ def plot_reliability_diagram(
     Each non-empty bin gets a bar up to its accuracy, a hatched "gap" bar spanning from its
     accuracy to its mean confidence (red above the bar: overconfident; yellow hatching over the
     bar's top: underconfident, the bar still showing its accuracy), and its sample count on top.
-    The title carries the ECE and the sample count.
+    The title carries the ECE and the sample count; with no sample (no stated confidence) it
+    says the ECE is undefined, whatever ``ece`` holds.
 
     Args:
         bins: ``{"lower", "upper", "count", "confidence", "accuracy"}``, each of length
             ``n_bins``: tensors (``ExpectedCalibrationError.reliability_table()``, NaN for an
             empty bin's means) or lists (``metrics.json``'s ``"reliability"``, ``None`` there).
-        ece: The ECE to print in the title.
+        ece: The ECE to print in the title (``None`` or NaN: undefined).
         ax: Axes to draw on; a new ``pyplot`` figure when ``None`` (torchmetrics' plot API).
         title: Title prefix (default ``"Reliability diagram"``).
         strategy: Binning strategy, for the x-axis label.
@@ -129,9 +131,13 @@ def plot_reliability_diagram(
 
     head = title or "Reliability diagram"
     total = int(count.sum())
-    ax.set_title(
-        f"{head}\nECE = {ece:.4f}   (N = {total:,}; bar labels: samples per bin)", fontsize=10
-    )
+    if total == 0 or ece is None or math.isnan(ece):  # an empty diagram is not a perfect one
+        ax.set_title(f"{head}\nECE undefined: no stated confidence (N = {total:,})", fontsize=10)
+    else:
+        ax.set_title(
+            f"{head}\nECE = {ece:.4f}   (N = {total:,} stated; bar labels: samples per bin)",
+            fontsize=10,
+        )
     ax.set_xlabel(f"Stated confidence ({strategy} bins)")
     ax.set_ylabel("Accuracy")
     ax.set_xlim(0, 1)
@@ -154,7 +160,7 @@ def _canvas_figure(dpi: float = 100) -> tuple[Any, Any]:
 
 def save_reliability_png(
     bins: Bins,
-    ece: float,
+    ece: float | None,
     path: str | Path,
     title: str | None = None,
     strategy: str = "uniform",
@@ -163,7 +169,7 @@ def save_reliability_png(
 
     Args:
         bins: Per-bin statistics, tensors or JSON-ready lists.
-        ece: The ECE to print in the title.
+        ece: The ECE to print in the title (``None``: undefined).
         path: Where to write the PNG; parent folders are created.
         title: Title prefix.
         strategy: Binning strategy, for the x-axis label.
@@ -181,7 +187,7 @@ def save_reliability_png(
 
 
 def reliability_image(
-    bins: Bins, ece: float, title: str | None = None, strategy: str = "uniform"
+    bins: Bins, ece: float | None, title: str | None = None, strategy: str = "uniform"
 ) -> np.ndarray:
     """The diagram of `bins` as an (H, W, 3) uint8 array, for loggers that take images.
 

@@ -6,14 +6,21 @@ Completions follow the paper's system prompt (CaOPD, arXiv 2604.16830, Sec. 5)::
     <answer>B</answer>
     Confidence: 0.8
 
-`extract_answer` owns the parsing rules:
+`extract_answer` owns the parsing rules; the task's ``answer_format`` says how much it
+accepts.
 
-1. **Closed tags.** The *last* ``<answer>X</answer>`` wins (a model may echo the format or
-   revise itself). ``X`` is one letter, any case, spaces and newlines allowed, optionally
-   ``(B)``, ``B)``, ``B.`` or markdown ``**B**``; a ``Confidence: ...`` line inside the tag
-   is ignored. If the last tag holds anything else the answer is ``None``: the model's final
-   statement is not a letter, and earlier statements are not used.
-2. **Fallbacks**, only when no closed tag exists, in this order:
+1. **``"tag"``: the answer format, required (the default, and what training verifies).** The
+   *last* closed ``<answer>X</answer>`` wins (a model may echo the format or revise itself),
+   as in the paper's training verifier. Tags pair as a left-to-right reading pairs them: an
+   opening tag with the first closing tag after it, the innermost opening when several stand
+   before it. ``X`` is one letter, any case, spaces and newlines allowed, optionally ``(B)``,
+   ``B)``, ``B.`` or markdown ``**B**``; a ``Confidence: ...`` line inside the tag is
+   ignored. If the last tag holds anything else the answer is ``None``: the model's final
+   statement is not a letter, and earlier statements are not used. Without a closed tag there
+   is no answer at all: a random model's bare ``c`` is not option C, so a student that never
+   writes the format earns no rollout accuracy (and no P_acc) by chance.
+2. **``"lenient"``: fallbacks for scoring models that were never taught the format**, tried
+   only when no closed tag exists, in this order:
 
    a. an unclosed ``<answer>X`` ending the text (a truncated rollout);
    b. ``answer is X`` / ``Answer: X`` (also ``answer is option (X)``), the last one. A
@@ -23,8 +30,13 @@ Completions follow the paper's system prompt (CaOPD, arXiv 2604.16830, Sec. 5)::
 
    Trailing ``Confidence: ...`` lines are not part of the answer and are skipped first.
 
-The paper's own scorer takes the first tag and tries the bare letter before the phrase; the
-last-tag rule here matches how the confidence parser reads the final statement.
+The paper's evaluation scorer takes the first tag and tries the bare letter before the phrase;
+the last-tag rule here matches its training verifier and how the confidence parser reads the
+final statement.
+
+Every rule runs in time linear in the completion, whatever the model wrote: the patterns use
+possessive quantifiers (a run of spaces is consumed once, never re-split between neighbouring
+``\s*``) and tags are paired by forward scans.
 """
 
 from __future__ import annotations
@@ -35,16 +47,47 @@ from pathlib import Path
 from lightning_caopd.data.loading import row_error
 from lightning_caopd.tasks.base import Task
 
-_CHOICE = re.compile(r"\s*[*_]*\s*\(?\s*([A-Za-z])\s*\)?\s*[.:]?\s*[*_]*\s*")
-# The innermost <answer>...</answer>: no second opening tag inside.
-_TAG = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.IGNORECASE | re.DOTALL)
-_OPEN = "<answer>"
+ANSWER_FORMATS = ("tag", "lenient")
+# Possessive quantifiers (`*+`, `?+`): every piece is followed by characters it cannot match,
+# so they accept what the plain forms accept, without backtracking.
+_CHOICE = re.compile(r"\s*+[*_]*+\s*+\(?+\s*+([A-Za-z])\s*+\)?+\s*+[.:]?+\s*+[*_]*+\s*+")
+_OPEN = re.compile(r"<answer>", re.IGNORECASE)
+_CLOSE = re.compile(r"</answer>", re.IGNORECASE)
+# Anchored at the start, `.*` runs to the end once and backs off to the last opening tag.
+_THROUGH_LAST_OPEN = re.compile(r".*<answer>", re.IGNORECASE | re.DOTALL)
 _PHRASE = re.compile(
-    r"\banswer\b(?:\s*[*_]*\s*:|\s+is\b\s*:?)\s*[*_]*\s*(?:option\s+)?(\()?\s*([A-Za-z])\b",
+    r"\banswer\b(?:\s*+[*_]*+\s*+:|\s++is\b\s*+:?+)\s*+[*_]*+\s*+(?:option\s++)?(\()?+\s*+"
+    r"([A-Za-z])\b",
     re.IGNORECASE,
 )
-_AFTER_LOWERCASE = re.compile(r"\s*\)|[ \t]*(?:[.,;:!\]*_]|$)", re.MULTILINE)
-_CONFIDENCE_LINE = re.compile(r"^\s*[*_]*\s*(?:confidence\b|<confidence>)", re.IGNORECASE)
+_AFTER_LOWERCASE = re.compile(r"\s*+\)|[ \t]*+(?:[.,;:!\]*_]|$)", re.MULTILINE)
+_CONFIDENCE_LINE = re.compile(r"\s*+[*_]*+\s*+(?:confidence\b|<confidence>)", re.IGNORECASE)
+
+
+def _last_tag(text: str) -> tuple[int, int] | None:
+    """The content span of the last closed ``<answer>...</answer>`` (rule 1).
+
+    Each opening tag is tried against the first closing tag after it; an opening tag between
+    them takes its place (the innermost pairs). Every search starts where the previous one
+    stopped, so each character is scanned a bounded number of times.
+
+    Returns:
+        ``(content_start, content_end)``, or ``None`` when no tag is closed.
+    """
+    found, closing = None, None
+    opening = _OPEN.search(text)
+    while opening is not None:
+        if closing is None or closing.start() < opening.end():
+            closing = _CLOSE.search(text, opening.end())
+            if closing is None:
+                break
+        inner = _OPEN.search(text, opening.end(), closing.start())
+        if inner is not None:
+            opening = inner
+            continue
+        found = opening.end(), closing.start()
+        opening = _OPEN.search(text, closing.end())
+    return found
 
 
 def _drop_confidence(text: str) -> str:
@@ -72,48 +115,73 @@ def _from_phrase(text: str) -> str | None:
     return found
 
 
-def extract_answer(completion: str) -> str | None:
-    """The option letter a completion states, uppercase, or None.
-
-    Args:
-        completion: the model's response.
-
-    Returns:
-        The letter, following the rules in the module docstring, or None.
-
-    Examples:
-        >>> extract_answer("<answer>A</answer> wait, no: <answer> (c) </answer>")
-        'C'
-        >>> extract_answer("The answer is D.\\nConfidence: 0.7")
-        'D'
-    """
-    tags = _TAG.findall(completion)
-    if tags:
-        return _choice(tags[-1])
+def _lenient(completion: str) -> str | None:
+    """The fallbacks of rule 2, for a completion without a closed tag."""
     text = _drop_confidence(completion)
-    start = text.lower().rfind(_OPEN)
-    if start >= 0:
-        letter = _choice(text[start + len(_OPEN) :])
+    through = _THROUGH_LAST_OPEN.match(text)
+    if through is not None:
+        letter = _choice(text[through.end() :])
         if letter:
             return letter
     letter = _from_phrase(text)
     if letter:
         return letter
-    last_line = text.strip().rsplit("\n", 1)[-1] if text.strip() else ""
+    stripped = text.strip()
+    last_line = stripped.rsplit("\n", 1)[-1]
     return _choice(last_line) if last_line.strip() else None
 
 
-def verify(completion: str, answer: str) -> bool:
+def _check_format(answer_format: str) -> None:
+    """Refuse an unknown answer format with a sentence naming the choices."""
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(
+            f"answer_format must be one of {ANSWER_FORMATS}; got {answer_format!r} "
+            "(set `data.task.answer_format`)."
+        )
+
+
+def extract_answer(completion: str, answer_format: str = "tag") -> str | None:
+    """The option letter a completion states, uppercase, or None.
+
+    Args:
+        completion: the model's response.
+        answer_format: ``"tag"`` (the last closed ``<answer>`` tag, required) or
+            ``"lenient"`` (with fallbacks when there is no closed tag); see the module
+            docstring.
+
+    Returns:
+        The letter, following the rules in the module docstring, or None.
+
+    Raises:
+        ValueError: `answer_format` is neither ``"tag"`` nor ``"lenient"``.
+
+    Examples:
+        >>> extract_answer("<answer>A</answer> wait, no: <answer> (c) </answer>")
+        'C'
+        >>> extract_answer("The answer is D.\\nConfidence: 0.7") is None
+        True
+        >>> extract_answer("The answer is D.\\nConfidence: 0.7", answer_format="lenient")
+        'D'
+    """
+    _check_format(answer_format)
+    tag = _last_tag(completion)
+    if tag is not None:
+        return _choice(completion[tag[0] : tag[1]])
+    return _lenient(completion) if answer_format == "lenient" else None
+
+
+def verify(completion: str, answer: str, answer_format: str = "tag") -> bool:
     """Whether the completion states the ground-truth letter.
 
     Args:
         completion: the model's response.
         answer: the correct letter (any case, surrounding spaces ignored).
+        answer_format: how the letter must be stated (see `extract_answer`).
 
     Returns:
         True when `extract_answer` finds exactly that letter.
     """
-    return extract_answer(completion) == answer.strip().upper()
+    return extract_answer(completion, answer_format) == answer.strip().upper()
 
 
 def demo_from_answer(answer: str) -> str:
@@ -252,20 +320,30 @@ class ScienceTask(Task):
     Args:
         confidence_instruction: appended to the user turn of the student's prompt.
         categories: item categories reported separately; other categories count only overall.
+        answer_format: ``"tag"`` requires the last closed ``<answer>`` tag (the paper's
+            training verifier); ``"lenient"`` also reads answer phrases and a bare letter when
+            there is no closed tag, for scoring models never taught the format (see the module
+            docstring). Training and evaluation share it.
+
+    Raises:
+        ValueError: `answer_format` is neither ``"tag"`` nor ``"lenient"``.
     """
 
     def __init__(
         self,
         confidence_instruction: str = CONFIDENCE_INSTRUCTION,
         categories: tuple[str, ...] | list[str] = ("science",),
+        answer_format: str = "tag",
     ) -> None:
         super().__init__(confidence_instruction)
+        _check_format(answer_format)
         self.categories = tuple(categories)
+        self.answer_format = answer_format
 
     def parse_answer(self, completion: str) -> str | None:
-        """See `extract_answer`."""
-        return extract_answer(completion)
+        """See `extract_answer`, in the task's answer format."""
+        return extract_answer(completion, self.answer_format)
 
     def verify(self, completion: str, item: dict) -> bool:
-        """See `verify` (the module function) with the item's letter."""
-        return verify(completion, item["answer"])
+        """See `verify` (the module function) with the item's letter and answer format."""
+        return verify(completion, item["answer"], self.answer_format)

@@ -14,7 +14,11 @@ Parsing rules (`parse_calls`):
   that comes before the next ``Action:`` line; a ```` ```json ```` fence may open it.
 * The object is cut out by scanning braces while tracking JSON strings and their escapes, so
   ``{"q": "a } b"}`` and nested objects work, then parsed with `json.loads`. A missing,
-  unbalanced or invalid object gives the call the input ``None``.
+  unbalanced or invalid object gives the call the input ``None``; so does an object nested
+  more than `MAX_NESTING` levels deep (no API takes one, and deeper ones run into Python's
+  recursion limit) and anything else `json.loads` refuses, such as an integer of more than
+  4300 digits. Nothing the model writes raises: every rule runs in time linear in the
+  completion and every error is a call without an input.
 
 Scoring (`verify`) follows the paper (CaOPD, arXiv 2604.16830; ToolAlpaca): the first
 predicted call must name the first golden action and carry an equal input, compared as parsed
@@ -27,25 +31,30 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from lightning_caopd.data.loading import row_error
 from lightning_caopd.errors import DataError
 from lightning_caopd.tasks.base import Task, last_user_index
 
-_ACTION = re.compile(r"^[ \t>*_]*Action[ \t*_]*:[ \t]*(.*)$", re.MULTILINE | re.IGNORECASE)
-_ACTION_INPUT = re.compile(r"Action[ _]Input[ \t*_]*:", re.IGNORECASE)
+MAX_NESTING = 100
+# Possessive quantifiers (`*+`) never re-split a run of spaces; each run is followed by a
+# character it cannot match, so they accept what the plain forms accept.
+_ACTION = re.compile(r"^[ \t>*_]*+Action[ \t*_]*+:[ \t]*+(.*)$", re.MULTILINE | re.IGNORECASE)
+_ACTION_INPUT = re.compile(r"Action[ _]Input[ \t*_]*+:", re.IGNORECASE)
 _FENCE = re.compile(r"\s*(?:```(?:json)?)?\s*", re.IGNORECASE)
 _NAME_JUNK = " \t`'\"*_"
 
 
-def _scan_object(text: str, start: int, end: int) -> tuple[str, int] | None:
-    """The balanced ``{...}`` in ``text[start:end]`` opening at `start`, and the index after it.
+def _scan_object(text: str, start: int, end: int) -> str | None:
+    """The balanced ``{...}`` in ``text[start:end]`` opening at `start`.
 
     Returns:
-        ``(object_text, index_after)``, or None when the braces do not close before `end`.
+        The object's text, or None when the braces do not close before `end` or objects and
+        arrays nest more than `MAX_NESTING` deep.
     """
-    depth, in_string, escaped = 0, False, False
+    depth, nesting, in_string, escaped = 0, 0, False, False
     for i in range(start, end):
         ch = text[i]
         if in_string:
@@ -57,37 +66,52 @@ def _scan_object(text: str, start: int, end: int) -> tuple[str, int] | None:
                 in_string = False
         elif ch == '"':
             in_string = True
-        elif ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start : i + 1], i + 1
+        elif ch in "{[":
+            depth += ch == "{"
+            nesting += 1
+            if nesting > MAX_NESTING:
+                return None
+        elif ch in "}]":
+            nesting -= 1
+            if ch == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[start : i + 1]
     return None
 
 
-def _parse_input(text: str, pos: int, end: int) -> tuple[object, int]:
-    """The JSON object after the first ``Action Input:`` in ``text[pos:end]``.
-
-    Returns:
-        ``(parsed_or_None, resume_position)``.
-    """
+def _parse_input(text: str, pos: int, end: int) -> object:
+    """The JSON object after the first ``Action Input:`` in ``text[pos:end]``, or None."""
     label = _ACTION_INPUT.search(text, pos, end)
     if label is None:
-        return None, pos
-    brace = _FENCE.match(text, label.end()).end()
+        return None
+    brace = _FENCE.match(text, label.end(), end).end()
     if brace >= end or text[brace] != "{":
-        return None, label.end()
+        return None
     # JSON strings cannot hold raw newlines, so no real object runs past the next Action line.
-    scanned = _scan_object(text, brace, end)
-    if scanned is None:
-        return None, label.end()
-    raw, after = scanned
+    raw = _scan_object(text, brace, end)
+    if raw is None:
+        return None
     try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        return None, after
-    return value, after
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        # ValueError: invalid JSON, or an integer longer than Python converts (4300 digits);
+        # RecursionError: nesting within MAX_NESTING, but the caller's stack was already deep.
+        return None
+
+
+def _iter_calls(completion: str) -> Iterator[tuple[str, object]]:
+    """The calls of `parse_calls`, one at a time (scoring the first reads no further).
+
+    Each call's text runs from its ``Action:`` line to the next one, so the text is read
+    once, in order.
+    """
+    action = _ACTION.search(completion)
+    while action is not None:
+        following = _ACTION.search(completion, action.end())
+        end = following.start() if following else len(completion)
+        yield action.group(1).strip(_NAME_JUNK), _parse_input(completion, action.end(), end)
+        action = following
 
 
 def parse_calls(completion: str) -> list[tuple[str, object]]:
@@ -100,16 +124,7 @@ def parse_calls(completion: str) -> list[tuple[str, object]]:
         ``(name, input)`` pairs; ``input`` is the parsed JSON object, or None when the call
         has no parseable ``Action Input`` object.
     """
-    calls: list[tuple[str, object]] = []
-    pos = 0
-    while (action := _ACTION.search(completion, pos)) is not None:
-        name = action.group(1).strip(_NAME_JUNK)
-        following = _ACTION.search(completion, action.end())
-        end = following.start() if following else len(completion)
-        value, after = _parse_input(completion, action.end(), end)
-        calls.append((name, value))
-        pos = max(after, action.end())
-    return calls
+    return list(_iter_calls(completion))
 
 
 def parse_first_call(completion: str) -> tuple[str, object] | None:
@@ -125,10 +140,8 @@ def parse_first_call(completion: str) -> tuple[str, object] | None:
         >>> parse_first_call('Action: search\\nAction Input: {"q": "a } b", "n": {"k": 1}}')
         ('search', {'q': 'a } b', 'n': {'k': 1}})
     """
-    calls = parse_calls(completion)
-    if not calls or calls[0][1] is None:
-        return None
-    return calls[0]
+    first = next(_iter_calls(completion), None)
+    return None if first is None or first[1] is None else first
 
 
 def _golden_input(value) -> object:
@@ -333,11 +346,20 @@ class ToolUseTask(Task):
         return out
 
     def parse_answer(self, completion: str) -> str | None:
-        """The first call as ``name {json input}``, or None (see `parse_first_call`)."""
+        """The first call as ``name {json input}``, or None (see `parse_first_call`).
+
+        The input is written as UTF-8-safe JSON: a lone surrogate (``\\ud800`` escaped in the
+        model's JSON) stays escaped, so the record can be saved to ``completions.jsonl``.
+        """
         call = parse_first_call(completion)
         if call is None:
             return None
-        return f"{call[0]} {json.dumps(call[1], sort_keys=True, ensure_ascii=False)}"
+        text = json.dumps(call[1], sort_keys=True, ensure_ascii=False)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = json.dumps(call[1], sort_keys=True)  # every non-ASCII character escaped
+        return f"{call[0]} {text}"
 
     def verify(self, completion: str, item: dict) -> bool:
         """See `verify` (the module function) with the item's golden calls."""

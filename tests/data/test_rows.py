@@ -63,3 +63,38 @@ def test_save_to_disk_directory(tmp_path):
     dm = ToolUseDataModule(path=str(tmp_path / "ds"), num_eval=2)
     dm.setup()
     assert len(dm.train_items) == 3 and dm.eval_items[0]["category"] == "tooluse"
+
+
+def test_duplicate_rows_are_counted_and_never_held_out(tmp_path, caplog):
+    rows = Path(SCIENCE).read_text().splitlines()
+    dup = tmp_path / "dups.jsonl"
+    dup.write_text("\n".join([*rows, rows[0], rows[3], rows[0]]) + "\n")  # 9 rows, 6 prompts
+    with caplog.at_level("WARNING", logger="lightning_caopd.data.rows"):
+        dm = ScienceDataModule(path=str(dup), num_eval=3)
+        dm.setup("fit")
+    assert "5 of its 9 rows repeat another row's prompt (2 distinct prompts)" in caplog.text
+    prompt = lambda it: str(it["messages"])  # noqa: E731
+    held = {prompt(it) for it in dm.eval_items}
+    assert len(dm.eval_items) == 3 and not held & {prompt(it) for it in dm.train_items}
+    assert len(dm.train_items) == 6  # every copy of a repeated row trains
+    with pytest.raises(DataError, match=r"only 4 of its 9 rows have a prompt no other row repeats"):
+        ScienceDataModule(path=str(dup), num_eval=5).setup("fit")
+
+
+def test_evaluation_rows_also_in_training_are_counted(tmp_path, caplog):
+    rows = Path(SCIENCE).read_text().splitlines()
+    (tmp_path / "train.jsonl").write_text("\n".join(rows[:4]) + "\n")
+    (tmp_path / "eval.jsonl").write_text("\n".join(rows[2:]) + "\n")
+    dm = ScienceDataModule(
+        path=str(tmp_path / "train.jsonl"), eval_path=str(tmp_path / "eval.jsonl"), num_eval=None
+    )
+    with caplog.at_level("WARNING", logger="lightning_caopd.data.rows"):
+        dm.setup("fit")
+    assert "2 of the 4 evaluation rows" in caplog.text
+
+
+def test_held_out_choice_without_duplicates_is_unchanged():
+    # the rows chosen skip excluded ones only; with none excluded the choice is the seeded one
+    assert held_out_indices(50, 5, seed=3, exclude=[]) == held_out_indices(50, 5, seed=3)
+    chosen = held_out_indices(50, 5, seed=3)
+    assert not set(held_out_indices(50, 5, seed=3, exclude=chosen[:2])) & set(chosen[:2])

@@ -11,6 +11,7 @@ from torchmetrics import MetricCollection
 from lightning_caopd.metrics import (
     AURC,
     BrierScore,
+    BrierScoreAll,
     CalibrationMetrics,
     ExpectedCalibrationError,
     FormatRate,
@@ -37,6 +38,7 @@ METRICS = {
     "accuracy": (MeanAccuracy, ref_accuracy),
     "mean_confidence": (MeanConfidence, ref_mean_confidence),
     "brier": (BrierScore, ref_brier),
+    "brier_all": (BrierScoreAll, ref_brier),  # every confidence stated: the plain Brier score
     "ocg": (OverconfidenceGap, ref_ocg),
     "ece_uniform": (lambda: ExpectedCalibrationError(10), ref_ece_uniform),
     "ece_uniform_7": (lambda: ExpectedCalibrationError(7), lambda c, y: ref_ece_uniform(c, y, 7)),
@@ -147,6 +149,26 @@ def test_format_rate():
 def test_validation(confidence, correct, match):
     with pytest.raises(ValueError, match=match):
         BrierScore().update(confidence, correct)
+    if "nan" not in str(confidence):  # BrierScoreAll takes NaN; it checks everything else
+        with pytest.raises(ValueError, match=match):
+            BrierScoreAll().update(confidence, correct)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_brier_all_scores_unstated_as_the_worst(seed):
+    rng = np.random.default_rng(seed)
+    c = np.round(rng.random(50), 2)
+    y = rng.random(50) < c
+    c[rng.random(50) < 0.3] = np.nan
+    metric = BrierScoreAll()
+    feed(metric, c, y)
+    want = np.mean([1.0 if np.isnan(ci) else (ci - yi) ** 2 for ci, yi in zip(c, y, strict=True)])
+    assert float(metric.compute()) == pytest.approx(want, abs=TOL)
+    silent = BrierScoreAll()
+    silent.update(torch.full((4,), float("nan")), torch.tensor([1, 0, 1, 0]))
+    assert float(silent.compute()) == 1.0
+    with pytest.raises(ValueError, match="0 and 1"):  # a NaN beside a bad verdict is refused
+        BrierScoreAll().update(torch.tensor([float("nan"), 0.5]), torch.tensor([2, 0]))
 
 
 def test_constructor_validation():
@@ -154,8 +176,6 @@ def test_constructor_validation():
         ExpectedCalibrationError(n_bins=0)
     with pytest.raises(ValueError, match="strategy"):
         ExpectedCalibrationError(strategy="equal")
-    with pytest.raises(ValueError, match="fallback"):
-        CalibrationMetrics(fallback_confidence=2.0)
     with pytest.raises(ValueError, match="Duplicate"):
         CalibrationMetrics(["a", "a"])
 
@@ -178,6 +198,7 @@ def test_metric_flags():
         MeanAccuracy,
         MeanConfidence,
         BrierScore,
+        BrierScoreAll,
         OverconfidenceGap,
         StrictPairwiseRanking,
         AURC,
@@ -190,6 +211,7 @@ def test_metric_flags():
     assert StrictPairwiseRanking.higher_is_better is True
     assert ExpectedCalibrationError.higher_is_better is False
     assert AURC.higher_is_better is False
+    assert BrierScoreAll.higher_is_better is False
 
 
 def test_sum_states_are_fixed_size():

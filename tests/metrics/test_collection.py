@@ -1,14 +1,26 @@
 """`CalibrationMetrics` (`lightning_caopd.metrics.collection`): overall, by category, edge cases."""
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
+from torchmetrics.classification import BinaryAUROC
 
-from lightning_caopd.metrics import CalibrationMetrics
+from lightning_caopd.metrics import (
+    AURC,
+    BrierScore,
+    CalibrationMetrics,
+    ExpectedCalibrationError,
+    MeanAccuracy,
+    MeanConfidence,
+    OverconfidenceGap,
+    StrictPairwiseRanking,
+)
 from tests.fixtures.metric_references import (
     TOL,
+    make_case,
     ref_accuracy,
     ref_aurc,
     ref_auroc,
@@ -19,20 +31,40 @@ from tests.fixtures.metric_references import (
     ref_spr,
 )
 
+STATED_KEYS = ("accuracy_stated", "mean_confidence", "ece", "brier", "ocg", "spr", "auroc", "aurc")
+
+
+def ref_brier_all(c, y):
+    """Brier over every item; NaN (nothing stated) costs the worst squared error, 1."""
+    return sum(1.0 if math.isnan(ci) else (ci - yi) ** 2 for ci, yi in zip(c, y, strict=True)) / (
+        len(c)
+    )
+
 
 def ref_all(c, y):
-    c, y = list(c), list(y)
+    """Every value of the suite, by loops: calibration over the stated items only."""
+    c, y = [float(ci) for ci in c], [bool(yi) for yi in y]
+    pairs = [(ci, yi) for ci, yi in zip(c, y, strict=True) if not math.isnan(ci)]
+    sc, sy = [ci for ci, _ in pairs], [yi for _, yi in pairs]
     out = {
-        "accuracy": ref_accuracy(c, y),
-        "mean_confidence": ref_mean_confidence(c, y),
-        "ece": ref_ece_uniform(c, y),
-        "brier": ref_brier(c, y),
-        "ocg": ref_ocg(c, y),
-        "spr": ref_spr(c, y),
-        "aurc": ref_aurc(c, y),
         "n": len(c),
+        "n_stated": len(sc),
+        "accuracy": ref_accuracy(c, y),
+        "format_rate": len(sc) / len(c),
+        "brier_all": ref_brier_all(c, y),
     }
-    out["auroc"] = ref_auroc(c, y) if 0 < sum(y) < len(y) else None
+    if not sc:
+        return out | dict.fromkeys(STATED_KEYS)
+    out |= {
+        "accuracy_stated": ref_accuracy(sc, sy),
+        "mean_confidence": ref_mean_confidence(sc, sy),
+        "ece": ref_ece_uniform(sc, sy),
+        "brier": ref_brier(sc, sy),
+        "ocg": ref_ocg(sc, sy),
+        "spr": ref_spr(sc, sy),
+        "aurc": ref_aurc(sc, sy),
+        "auroc": ref_auroc(sc, sy) if 0 < sum(sy) < len(sy) else None,
+    }
     return out
 
 
@@ -56,19 +88,19 @@ def calibration_data(seed=0, n=240):
 
 def test_calibration_metrics_overall_and_by_category():
     raw, y, cat = calibration_data()
-    metrics = CalibrationMetrics(["a", "b", "c", "empty"], fallback_confidence=0.25)
+    metrics = CalibrationMetrics(["a", "b", "c", "empty"])
     for lo, hi in [(0, 50), (50, 51), (51, 51), (51, 240)]:
         metrics.update(torch.tensor(raw[lo:hi]), torch.tensor(y[lo:hi]), torch.tensor(cat[lo:hi]))
     result = metrics.compute()
-    filled = np.where(np.isnan(raw), 0.25, raw)
-    assert_matches(result, ref_all(filled, y))
-    assert result["format_rate"] == pytest.approx(np.mean(~np.isnan(raw)))
+    want = ref_all(raw, y)
+    assert_matches(result, want)
+    assert result.keys() == want.keys() | {"by_category"}
+    assert 0 < result["n_stated"] < result["n"] == 240
     assert set(result["by_category"]) == {"a", "b", "c"}
     for index, name in enumerate(["a", "b", "c"]):
         subset = cat == index
         got = result["by_category"][name]
-        assert_matches(got, ref_all(filled[subset], y[subset]))
-        assert got["format_rate"] == pytest.approx(np.mean(~np.isnan(raw[subset])))
+        assert_matches(got, ref_all(raw[subset], y[subset]))
         assert "by_category" not in got
     assert result["by_category"]["c"]["auroc"] is None
     assert result["auroc"] is not None
@@ -81,23 +113,80 @@ def test_calibration_metrics_without_categories_and_reset():
     metrics.update(torch.tensor(raw), torch.tensor(y))
     first = metrics.compute()
     assert first["by_category"] == {}
-    assert_matches(first, ref_all(np.where(np.isnan(raw), 0.0, raw), y))
+    assert_matches(first, ref_all(raw, y))
     metrics.reset()
     empty = metrics.compute()
-    assert empty["n"] == 0 and empty["ece"] is None and empty["format_rate"] is None
+    assert empty["n"] == 0 and empty["n_stated"] == 0
+    assert all(empty[k] is None for k in ("ece", "format_rate", "accuracy", "brier_all"))
     metrics.update(torch.tensor(raw[:10]), torch.tensor(y[:10]))
     assert metrics.compute()["n"] == 10
 
 
-def test_calibration_metrics_all_unparseable_and_single_class():
-    metrics = CalibrationMetrics(fallback_confidence=0.0)
-    metrics.update(torch.full((5,), float("nan")), torch.ones(5, dtype=torch.bool))
+def test_no_stated_confidence_is_undefined_calibration_not_perfect():
+    # A model that never states a confidence, on wrong answers: the old fallback (confidence 0)
+    # scored it ECE 0 and Brier 0. Now its calibration is undefined and brier_all is the worst.
+    metrics = CalibrationMetrics(["a", "b"])
+    nan = float("nan")
+    metrics.update(torch.full((6,), nan), torch.tensor([0, 0, 0, 0, 0, 1]), torch.tensor([0] * 6))
     result = metrics.compute()
-    assert result["format_rate"] == 0.0
-    assert result["auroc"] is None
-    assert result["spr"] == 0.0
-    assert result["ece"] == pytest.approx(1.0)
-    assert result["ocg"] == pytest.approx(-1.0)
+    assert result["n"] == 6 and result["n_stated"] == 0 and result["format_rate"] == 0.0
+    assert result["accuracy"] == pytest.approx(1 / 6)
+    assert all(result[k] is None for k in STATED_KEYS)
+    assert result["brier_all"] == 1.0
+    assert result["by_category"]["a"]["ece"] is None and "b" not in result["by_category"]
+    assert all(x is None for x in metrics.reliability_bins()["accuracy"])
+    assert sum(metrics.reliability_bins()["count"]) == 0
+    json.dumps(result, allow_nan=False)
+    # one stated item makes calibration defined; one class only: SPR 0, AUROC undefined
+    metrics.update(torch.tensor([0.3]), torch.tensor([1]), torch.tensor([1]))
+    result = metrics.compute()
+    assert result["n_stated"] == 1 and result["ece"] == pytest.approx(0.7)
+    assert result["spr"] == 0.0 and result["auroc"] is None
+    assert result["by_category"]["a"]["ece"] is None
+    assert result["by_category"]["b"]["brier"] == pytest.approx(0.49)
+
+
+def test_all_stated_gives_what_each_metric_gives_on_all_items():
+    # With every confidence stated the suite's numbers are exactly (==) those of each metric
+    # fed every item, as before unstated items were set apart; brier_all equals brier.
+    c, y = make_case("ties", seed=5)
+    metrics = CalibrationMetrics()
+    singles = {
+        "accuracy": MeanAccuracy(),
+        "mean_confidence": MeanConfidence(),
+        "ece": ExpectedCalibrationError(),
+        "brier": BrierScore(),
+        "ocg": OverconfidenceGap(),
+        "spr": StrictPairwiseRanking(),
+        "aurc": AURC(),
+        "auroc": BinaryAUROC(),
+    }
+    for lo, hi in [(0, 60), (60, 60), (60, len(c))]:
+        ct, yt = torch.tensor(c[lo:hi]), torch.tensor(y[lo:hi])
+        metrics.update(ct, yt)
+        for metric in singles.values():
+            metric.update(ct, yt.long())
+    result = metrics.compute()
+    assert result["format_rate"] == 1.0 and result["n_stated"] == result["n"] == len(c)
+    for name, metric in singles.items():
+        assert result[name] == float(metric.compute()), name
+    assert result["brier_all"] == result["brier"]
+    assert result["accuracy_stated"] == result["accuracy"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_stating_a_confidence_never_raises_brier_all(seed):
+    # brier_all cannot be won by staying silent: hiding any stated confidence never lowers it.
+    raw, y, _ = calibration_data(seed=seed, n=80)
+    hidden = raw.copy()
+    hidden[np.random.default_rng(seed).random(80) < 0.5] = np.nan
+    scores = []
+    for values in (raw, hidden, np.full(80, np.nan)):
+        metrics = CalibrationMetrics()
+        metrics.update(torch.tensor(values), torch.tensor(y))
+        scores.append(metrics.compute()["brier_all"])
+    assert scores[0] <= scores[1] <= scores[2] == 1.0
+    assert scores[0] < scores[2]
 
 
 def test_calibration_metrics_category_errors():

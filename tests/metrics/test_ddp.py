@@ -10,8 +10,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lightning_caopd.metrics import CalibrationMetrics, ExpectedCalibrationError
+from tests.fixtures.metric_references import TOL, ref_ece_uniform
 
-CATEGORIES = ["math", "code", "only_rank0", "never"]
+CATEGORIES = ["math", "code", "only_rank0", "never", "silent", "stated_on_rank0"]
 SPLIT = 37  # rank 0 gets 37 items, rank 1 gets 64
 
 
@@ -23,16 +24,23 @@ def _data():
     confidence[rng.random(n) < 0.2] = np.nan
     category = rng.integers(0, 2, size=n)
     category[[3, 10, 20]] = 2  # a category that only rank 0 ever sees
+    category[[5, 40, 70]] = 4  # items on both ranks, none with a stated confidence
+    confidence[[5, 40, 70]] = np.nan
+    category[[8, 12, 45, 55, 60]] = 5  # stated on rank 0 only; rank 1's items state nothing
+    confidence[[8, 12]] = [0.3, 0.8]
+    confidence[[45, 55, 60]] = np.nan
+    confidence[SPLIT + 20 : SPLIT + 30] = np.nan  # a batch of rank 1 that states nothing
     return confidence, correct, category
 
 
 def _metrics_for(confidence, correct, category, batches):
-    metrics = CalibrationMetrics(CATEGORIES, n_bins=10, fallback_confidence=0.1)
+    metrics = CalibrationMetrics(CATEGORIES, n_bins=10)
     quantile = ExpectedCalibrationError(n_bins=6, strategy="quantile")
     for lo, hi in batches:
         c, y = torch.tensor(confidence[lo:hi]), torch.tensor(correct[lo:hi])
         metrics.update(c, y, torch.tensor(category[lo:hi]))
-        quantile.update(torch.nan_to_num(c, nan=0.1), y)
+        stated = ~torch.isnan(c)
+        quantile.update(c[stated], y[stated])
     return metrics, quantile
 
 
@@ -40,6 +48,7 @@ def _summary(metrics, quantile):
     result = metrics.compute()
     result["quantile_ece"] = float(quantile.compute())
     result["quantile_counts"] = quantile.reliability_table()["count"].tolist()
+    result["reliability_counts"] = metrics.reliability_bins()["count"]
     return result
 
 
@@ -52,7 +61,10 @@ def _worker(rank, world_size, port, out_dir):
         confidence, correct, category = _data()
         part = slice(0, SPLIT) if rank == 0 else slice(SPLIT, None)
         c, y, k = confidence[part], correct[part], category[part]
-        batches = [(0, 10), (10, len(c))] if rank == 0 else [(0, 50), (50, 50), (50, len(c))]
+        # rank 1's batch (20, 30) states no confidence at all
+        batches = (
+            [(0, 10), (10, len(c))] if rank == 0 else [(0, 20), (20, 30), (30, 30), (30, len(c))]
+        )
         result = _summary(*_metrics_for(c, y, k, batches))
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
             json.dump(result, f)
@@ -82,9 +94,27 @@ def _assert_close(got, want, path="result"):
 def test_two_processes_match_single_process(tmp_path):
     confidence, correct, category = _data()
     expected = _summary(*_metrics_for(confidence, correct, category, [(0, len(confidence))]))
-    assert expected["n"] == 101
-    assert set(expected["by_category"]) == {"math", "code", "only_rank0"}
+    assert expected["n"] == 101 and 0 < expected["n_stated"] < 101
+    assert set(expected["by_category"]) == {
+        "math",
+        "code",
+        "only_rank0",
+        "silent",
+        "stated_on_rank0",
+    }
     assert expected["by_category"]["only_rank0"]["auroc"] is None  # 3 items, one class
+    silent = expected["by_category"]["silent"]
+    assert silent["n"] == 3 and silent["n_stated"] == 0 and silent["brier_all"] == 1.0
+    assert silent["ece"] is None and silent["brier"] is None and silent["format_rate"] == 0.0
+    assert expected["by_category"]["stated_on_rank0"]["n_stated"] == 2
+    assert sum(expected["quantile_counts"]) == expected["n_stated"]
+    assert sum(expected["reliability_counts"]) == expected["n_stated"]
+    stated = ~np.isnan(confidence)  # the independent reference, over the stated items
+    want_brier_all = np.where(stated, (np.nan_to_num(confidence) - correct) ** 2, 1.0).mean()
+    assert expected["ece"] == pytest.approx(
+        ref_ece_uniform(list(confidence[stated]), list(correct[stated])), abs=TOL
+    )
+    assert expected["brier_all"] == pytest.approx(want_brier_all, abs=TOL)
 
     # torch.multiprocessing's launcher, as mp.spawn, but forked where the OS allows: a spawned
     # child re-imports torchmetrics (5-15 s on this machine), a forked one starts at once.

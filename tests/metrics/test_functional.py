@@ -42,6 +42,7 @@ def test_functional_matches_classes():
             ref_ece_quantile(list(c), list(y)),
         ),
         (M.brier_score(ct, yt), ref_brier(c, y)),
+        (M.brier_score_all(ct, yt), ref_brier(c, y)),  # all stated: the same
         (M.overconfidence_gap(ct, yt), ref_ocg(c, y)),
         (M.strict_pairwise_ranking(ct, yt), ref_spr(c, y)),
         (M.aurc(ct, yt), ref_aurc(list(c), list(y))),

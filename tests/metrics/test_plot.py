@@ -119,3 +119,19 @@ def test_png_and_image_helpers(tmp_path):
     image = reliability_image(BINS, 0.1, title="step 3")
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
     assert image.min() < 100 < 250 < image.max()  # drawn, not blank
+
+
+def test_a_diagram_without_stated_confidences_reads_undefined_not_perfect():
+    # metrics.json of a model that never states a confidence: every bin empty, ECE None (the
+    # metrics writer passes 0.0 for it); the title must not read "ECE = 0.0000".
+    metrics = CalibrationMetrics()
+    metrics.update(torch.full((5,), float("nan")), torch.tensor([0, 0, 1, 0, 0]))
+    bins = metrics.reliability_bins()
+    for ece in (None, 0.0, float("nan")):
+        ax = _axes()
+        plot_reliability_diagram(bins, ece, ax=ax)
+        assert "ECE undefined: no stated confidence (N = 0)" in ax.get_title()
+        assert "0.0000" not in ax.get_title() and not ax.containers[0].patches
+    ax = _axes()
+    plot_reliability_diagram(BINS, 0.1, ax=ax)
+    assert "ECE = 0.1000" in ax.get_title() and "N = 17 stated" in ax.get_title()

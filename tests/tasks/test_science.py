@@ -1,5 +1,8 @@
 """The science task (`lightning_caopd.tasks.science`): answer extraction, rows, prompts, teacher."""
 
+import doctest
+import time
+
 import pytest
 from hydra.utils import instantiate
 
@@ -26,10 +29,15 @@ from tests.fixtures.tiny_models import save_tiny_hf_model
         ("<answer>B</answer>\nConfidence: 0.6", "B"),
         # The format echoed first, the real answer last.
         ("Format: <answer>\n...\n</answer>\n<answer>A</answer>", "A"),
+        ("<ANSWER>c</Answer>", "C"),  # tags in any case
+        ("<answer>x <answer>B</answer>", "B"),  # the innermost opening pairs
+        ("<answer>A</answer></answer>", "A"),  # a stray closing tag
+        ("<answer>A</answer>\n<answer>B", "A"),  # the unclosed tag is no tag
     ],
 )
 def test_science_tags(completion, expected):
     assert science.extract_answer(completion) == expected
+    assert science.extract_answer(completion, answer_format="lenient") == expected
 
 
 @pytest.mark.parametrize(
@@ -46,8 +54,11 @@ def test_science_tags(completion, expected):
         ("The correct answer is option A because of the ester.", "A"),
     ],
 )
-def test_science_fallbacks(completion, expected):
-    assert science.extract_answer(completion) == expected
+def test_science_fallbacks_only_in_lenient_format(completion, expected):
+    assert science.extract_answer(completion, answer_format="lenient") == expected
+    assert science.extract_answer(completion) is None  # "tag", the default: no closed tag
+    assert not science.verify(completion, expected)
+    assert science.verify(completion, expected, answer_format="lenient")
 
 
 @pytest.mark.parametrize(
@@ -66,10 +77,39 @@ def test_science_fallbacks(completion, expected):
 )
 def test_science_no_answer(completion):
     assert science.extract_answer(completion) is None
+    assert science.extract_answer(completion, answer_format="lenient") is None
 
 
 def test_science_fallbacks_only_without_closed_tag():
-    assert science.extract_answer("<answer>A</answer>\nThe answer is B.\nC") == "A"
+    text = "<answer>A</answer>\nThe answer is B.\nC"
+    assert science.extract_answer(text, answer_format="lenient") == "A"
+
+
+@pytest.mark.parametrize(
+    "completion, letter", [("c\n", "C"), ("C", "C"), ("b.\nConfidence: 0.9", "B"), ("(a)", "A")]
+)
+def test_a_bare_letter_is_no_answer_in_the_tag_format(completion, letter):
+    """A format-less student must not earn rollout accuracy (and P_acc) by chance."""
+    assert not science.ScienceTask().verify(completion, {"answer": letter})
+    assert science.ScienceTask().parse_answer(completion) is None
+    lenient = science.ScienceTask(answer_format="lenient")
+    assert lenient.verify(completion, {"answer": letter})
+    assert lenient.parse_answer(completion) == letter
+
+
+def test_science_unknown_answer_format_is_refused():
+    with pytest.raises(ValueError, match=r"answer_format.*'tag', 'lenient'.*'strict'"):
+        science.ScienceTask(answer_format="strict")
+    with pytest.raises(ValueError, match="data.task.answer_format"):
+        science.extract_answer("<answer>A</answer>", answer_format="Tag")
+
+
+def test_science_config_exposes_the_answer_format(make_cfg, tmp_path):
+    cfg = make_cfg(["experiment=caopd_science", f"data.path={SCIENCE}"], tmp_path)
+    assert instantiate(cfg.data.task).answer_format == "tag"
+    overrides = ["experiment=caopd_science", f"data.path={SCIENCE}"]
+    cfg = make_cfg([*overrides, "data.task.answer_format=lenient"], tmp_path)
+    assert instantiate(cfg.data.task).verify("The answer is B.", {"answer": "B"})
 
 
 def test_science_verify():
@@ -177,3 +217,62 @@ def test_rows_without_demo_get_one_from_the_ground_truth():
     items = _science_items()
     eval_row = items[0]  # `prompt` + `answer` only
     assert f"<answer>{eval_row['answer']}</answer>" in eval_row["demo"]
+
+
+# --- adversarial completions: linear time, no answer --------------------------------------
+
+MB = 1_000_000
+ADVERSARIAL = {
+    "opening tag, spaces": ("<answer>" + " " * MB, None),
+    "label, spaces, a digit": ("answer:" + " " * MB + "1", None),
+    "phrase, spaces": ("The answer is" + " " * MB + "!", None),
+    "phrase, option, spaces": ("answer is option" + " " * MB + "!", None),
+    "phrase, parenthesis, spaces": ("answer is (" + " " * MB, None),
+    "unclosed tags": ("<answer>" * (MB // 8), None),
+    "unclosed tags, then a letter": ("<answer>" * (MB // 8) + "B", None),
+    "opening tags, one closing": ("<answer>" * (MB // 8) + "B</answer>", "B"),
+    "closing tags only": ("</answer>" * (MB // 9), None),
+    "tag pairs": ("<answer>A</answer>" * (MB // 18), "A"),
+    "tag, spaces around the letter": ("<answer>" + " " * MB + "c" + " " * MB + "</answer>", "C"),
+    "tag, spaces and stars": ("<answer>" + " *" * (MB // 2) + "x</answer>", None),
+    "confidence lines in a tag": ("<answer>" + "Confidence: 1\n" * (MB // 14) + "</answer>", None),
+    "repeated phrases": ("answer: " * (MB // 8), None),
+    "newlines": ("\n" * MB, None),
+    "spaces": (" " * MB, None),
+}
+
+
+def _cpu_seconds(fn, *args) -> float:
+    """CPU time of one call (process time: other work on a shared machine does not count)."""
+    start = time.process_time()
+    fn(*args)
+    return time.process_time() - start
+
+
+@pytest.mark.parametrize("answer_format", ["tag", "lenient"])
+@pytest.mark.parametrize("name", ADVERSARIAL)
+def test_adversarial_completions_are_verified_quickly(name, answer_format):
+    # The old verifier took 8 s on 800 spaces after <answer> and 18 s on 1000 after
+    # "answer:"; these are a megabyte and take milliseconds. 2 s of CPU is far from both.
+    text, expected = ADVERSARIAL[name]
+    assert _cpu_seconds(science.verify, text, "A", answer_format) < 2.0
+    if answer_format == "tag" or expected is not None:
+        assert science.extract_answer(text, answer_format) == expected
+
+
+def test_verify_time_grows_linearly():
+    # Four times the text, about four times the time; the old verifier's runs of spaces grew
+    # with the cube. The least of three runs keeps a busy machine's noise out of the ratio.
+    def total(n: int) -> float:
+        texts = ["<answer>" + " " * n, "answer:" + " " * n + "1", "<answer>" * (n // 8)]
+        return sum(
+            min(_cpu_seconds(science.verify, t, "A", "lenient") for _ in range(3)) for t in texts
+        )
+
+    assert total(1_000_000) < 10 * total(250_000)
+
+
+def test_doctests():
+    result = doctest.testmod(science)
+    assert result.attempted > 0
+    assert result.failed == 0

@@ -1,6 +1,8 @@
 """The tool-use task (`lightning_caopd.tasks.tooluse`): parsing calls, verifying, rows, prompts."""
 
+import doctest
 import json
+import time
 
 import pytest
 
@@ -182,3 +184,90 @@ def test_tooluse_strict_scores_every_call():
     text = "Action: f\nAction Input: {}"
     assert tooluse.ToolUseTask().verify(text, item)
     assert not tooluse.ToolUseTask(strict=True).verify(text, item)
+
+
+# --- adversarial completions: no exception escapes, linear time ---------------------------
+
+MB = 1_000_000
+CALL = "Action: a\nAction Input: "
+# Each completion, and the first call it makes (None: no call with a parseable input).
+ADVERSARIAL = {
+    "objects nested 1000 deep": (CALL + '{"a": ' * 1000 + "1" + "}" * 1000, None),  # RecursionError
+    "arrays nested 5000 deep": (CALL + '{"a": ' + "[" * 5000 + "]" * 5000 + "}", None),
+    "a 5000-digit integer": (CALL + '{"a": ' + "9" * 5000 + "}", None),  # ValueError
+    "a 1 MB integer": (CALL + '{"a": ' + "9" * MB + "}", None),
+    "a 1 MB exponent": (CALL + '{"a": 1e' + "9" * MB + "}", ("a", {"a": float("inf")})),
+    "unclosed braces": (CALL + "{" * MB, None),
+    "an unclosed string": (CALL + '{"' + "x" * MB, None),
+    "backslashes": (CALL + '{"q": "' + "\\" * MB + '"}', ("a", {"q": "\\" * (MB // 2)})),
+    "a backslash before the quote": (CALL + '{"q": "' + "\\" * (MB + 1) + '"}', None),
+    "actions without inputs": ("Action: a\n" * (MB // 10), None),
+    "inputs without objects": ("Action: a\n" + "Action Input: {\n" * (MB // 16), None),
+    "spaces after Action": ("Action" + " " * MB, None),
+    "spaces around Action Input": ("Action: a\n" + " " * MB + "Action Input" + " " * MB, None),
+    "many calls": ('Action: b\nAction Input: {"x": 1}\n' * (MB // 34), ("b", {"x": 1})),
+}
+
+
+@pytest.mark.parametrize("name", ADVERSARIAL)
+def test_adversarial_completions_are_wrong_not_errors(name):
+    text, first = ADVERSARIAL[name]
+    gold = [{"Action": "a", "Action_Input": {"a": 1}}]
+    start = time.process_time()  # CPU time: other work on a shared machine does not count
+    results = [tooluse.verify(text, gold, strict) for strict in (False, True)]
+    results += [tooluse.parse_first_call(text), tooluse.ToolUseTask().parse_answer(text)]
+    assert time.process_time() - start < 2.0  # milliseconds here; minutes for a quadratic scan
+    assert results[:3] == [False, False, first]
+    assert (results[3] is None) is (first is None)
+
+
+def test_nesting_limit():
+    deepest = '{"a": ' * tooluse.MAX_NESTING + "1" + "}" * tooluse.MAX_NESTING
+    assert tooluse.parse_first_call(CALL + deepest) is not None
+    too_deep = '{"a": ' * tooluse.MAX_NESTING + "[1]" + "}" * tooluse.MAX_NESTING
+    assert tooluse.parse_first_call(CALL + too_deep) is None
+    # Braces and brackets inside strings are text, not nesting.
+    assert tooluse.parse_first_call(CALL + '{"a": "' + "[{" * 500 + '"}') is not None
+
+
+def test_any_error_json_raises_is_an_unparseable_input(monkeypatch):
+    def overflow(text):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(tooluse.json, "loads", overflow)
+    gold = [{"Action": "a", "Action_Input": {}}]  # an object: only the completion is decoded
+    assert tooluse.parse_calls("Action: a\nAction Input: {}") == [("a", None)]
+    assert not tooluse.verify("Action: a\nAction Input: {}", gold)
+
+
+def test_parse_answer_of_a_lone_surrogate_can_be_saved():
+    answer = tooluse.ToolUseTask().parse_answer('Action: a\nAction Input: {"q": "\\ud800 é"}')
+    assert answer == 'a {"q": "\\ud800 \\u00e9"}'
+    answer.encode("utf-8")  # completions.jsonl is UTF-8
+    assert (
+        tooluse.ToolUseTask().parse_answer('Action: a\nAction Input: {"q": "é"}') == 'a {"q": "é"}'
+    )
+
+
+def test_parse_time_grows_linearly():
+    # Four times the text, about four times the time; a quadratic scan takes sixteen. The
+    # least of three runs keeps a busy machine's noise out of the ratio.
+    def seconds(text: str) -> float:
+        best = float("inf")
+        for _ in range(3):
+            start = time.process_time()
+            tooluse.parse_calls(text)
+            best = min(best, time.process_time() - start)
+        return best
+
+    def total(n: int) -> float:
+        texts = ["Action: a\nAction Input: " + "{" * n, "Action: a\n" * (n // 10)]
+        return sum(seconds(t) for t in texts)
+
+    assert total(1_000_000) < 10 * total(250_000)
+
+
+def test_doctests():
+    result = doctest.testmod(tooluse)
+    assert result.attempted > 0
+    assert result.failed == 0
