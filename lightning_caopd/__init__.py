@@ -5,3 +5,7 @@ Calibration in On-Policy Distillation".
 """
 
 __version__ = "0.1.0"
+
+from lightning_caopd.resolvers import register as _register_resolvers
+
+_register_resolvers()

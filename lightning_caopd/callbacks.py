@@ -108,6 +108,32 @@ class MetricsWriter(Callback):
         self.initial = state_dict.get("initial")
 
 
+class StudentExport(Callback):
+    """Writes the final student as a Hugging Face folder, ``<output_dir>/student/``.
+
+    ``save_pretrained`` of the student and its tokenizer, written beside the destination and
+    renamed over it (`lightning_caopd.models.save_model`), at the end of fitting (rank 0), so
+    ``AutoModelForCausalLM.from_pretrained`` loads it, ``python -m lightning_caopd.evaluate
+    student=<run dir>/student`` scores it and ``model.init_from=<run dir>`` starts a new run
+    from it. With LoRA the folder holds the adapter (peft's ``save_pretrained``). Under FSDP or
+    DeepSpeed the weights are sharded: use the checkpoint instead.
+
+    Args:
+        output_dir: the run directory.
+    """
+
+    def __init__(self, output_dir: str | Path) -> None:
+        super().__init__()
+        self.output_dir = Path(output_dir)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        if trainer.is_global_zero:
+            from lightning_caopd.checkpointing import STUDENT_DIR
+            from lightning_caopd.models import save_model
+
+            save_model(pl_module.student, pl_module.tokenizer, self.output_dir / STUDENT_DIR)
+
+
 class TeacherEMA(Callback):
     """teacher <- (1 - rate) * teacher + rate * student after every optimizer step.
 

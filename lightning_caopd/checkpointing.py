@@ -199,6 +199,49 @@ def load_checkpoint_file(path: _PATH, map_location: Any = "cpu") -> dict[str, An
         ) from None
 
 
+STUDENT_DIR = "student"  # <run dir>/student/: the final student, a Hugging Face folder
+
+
+def student_state_dict(source: _PATH) -> dict[str, torch.Tensor]:
+    """A trained student's weights, for ``model.init_from``.
+
+    Args:
+        source: a run directory (its ``student/`` folder, else ``checkpoints/last.ckpt``), a
+            Hugging Face folder (``save_pretrained``: ``<run dir>/student``), or a ``.ckpt``
+            file of ``python train.py`` (read with ``weights_only=True``: no code runs).
+
+    Returns:
+        The student's state dict (the keys of the model ``model.student`` builds).
+
+    Raises:
+        ResumeError: nothing loadable there, or a checkpoint without student weights.
+    """
+    path = Path(str(source)).expanduser()
+    if path.is_dir() and (path / STUDENT_DIR / "config.json").is_file():
+        path = path / STUDENT_DIR
+    elif path.is_dir() and (path / "checkpoints" / "last.ckpt").is_file():
+        path = path / "checkpoints" / "last.ckpt"
+    if path.is_dir() and (path / "config.json").is_file():
+        from transformers import AutoModelForCausalLM  # safetensors: no pickle
+
+        return AutoModelForCausalLM.from_pretrained(path, dtype="auto").state_dict()
+    if not path.is_file():
+        raise ResumeError(
+            f"model.init_from={source}: nothing to start from there. Pass a training run's "
+            f"directory (it holds {STUDENT_DIR}/ or checkpoints/last.ckpt), its {STUDENT_DIR}/ "
+            "folder, or a .ckpt file."
+        )
+    state = load_checkpoint_file(path).get("state_dict", {})
+    prefix = "student."
+    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not weights:
+        raise ResumeError(
+            f"model.init_from={source}: {path} holds no student weights (no 'student.*' keys); "
+            "pass a checkpoint of `python train.py` (<run dir>/checkpoints/last.ckpt)."
+        )
+    return weights
+
+
 class ModelCheckpoint(_LightningModelCheckpoint):
     """Lightning's `ModelCheckpoint`, saving ``last.ckpt`` after the final step too.
 

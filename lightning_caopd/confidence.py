@@ -217,6 +217,93 @@ def strip_confidence(text: str) -> str:
     return text[:line_start]
 
 
+# --- the released CaOPD scorer's reading (eval.scoring=reference) -------------------------------
+
+_REF_LABEL = re.compile(r"confidence:\s*([\d.]+)", re.IGNORECASE)
+_REF_TAG = re.compile(r"<confidence>(.*?)</confidence>", re.DOTALL)
+_REF_OPEN_TAG = re.compile(r"<confidence>\s*(\d+(?:\.\d+)?)\s*%?")
+_REF_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_LEADING_NUMBER = re.compile(r"\d*\.?\d+|\d+")
+
+
+def _reference_scale(value: float, raw: str) -> float:
+    """The reference's scale rule for tag values (not for the ``Confidence:`` label)."""
+    if "%" in raw or 10.0 < value <= 100.0:
+        return value / 100.0
+    if 1.0 < value <= 10.0:
+        return value / 10.0
+    if 0.0 <= value <= 1.0:
+        return value
+    return value / 100.0 if value > 100.0 else value / 10.0
+
+
+def _clamp(value: float) -> float | None:
+    return None if value != value else min(max(value, 0.0), 1.0)  # NaN: nothing stated
+
+
+def parse_confidence_reference(text: str) -> float | None:
+    """Read a stated confidence the way the released CaOPD scorer does (``eval.scoring=reference``).
+
+    The rules of SalesforceAIResearch/CaOPD ``eval/parse_confidence.py`` (re-implemented, not
+    copied), where they differ from :func:`parse_confidence`:
+
+    1. A label ``Confidence:`` (any case, no markdown around the colon, so ``**Confidence:**
+       0.8`` is not read; no word boundary, so ``overconfidence: 0.8`` is) followed by spaces and
+       a run of digits and points. The last such label anywhere wins over every tag. Its
+       number is **clamped, never rescaled**: ``80`` and ``8`` give 1.0, ``0.62`` gives 0.62.
+    2. Without a label, the last closed ``<confidence>...</confidence>`` (lower case only) and
+       its content, stripped: empty gives nothing; a number (or the first number in it) is
+       rescaled as the reference does: ``%`` or 10 < x <= 100 -> x/100, 1 < x <= 10 -> x/10,
+       above 100 -> x/100, below 0 -> x/10.
+    3. Without either, the last unclosed ``<confidence>X`` (with an optional ``%``), rescaled
+       the same way.
+
+    Two places where the reference cannot serve as it stands, decided here: a label whose run
+    is not one number (``Confidence: 0.85.``, ``Confidence: ...``) makes the reference raise;
+    here the longest number the run starts with is read (0.85), and a run without one states
+    nothing. A rescaled tag value outside [0, 1] (``<confidence>250</confidence>`` is 2.5 in
+    the reference) is clamped, since the metrics take probabilities. Where the reference
+    scores an unparsed output as confidence 0 in its headline numbers, here it states nothing
+    (``None``), as in the default mode (the reference's ``valid_confidence_only`` numbers).
+
+    Example:
+        >>> parse_confidence_reference("Confidence: 80")  # clamped, not 0.8
+        1.0
+        >>> parse_confidence_reference("<confidence>80</confidence>")  # tags are rescaled
+        0.8
+        >>> parse_confidence_reference("**Confidence:** 0.8") is None
+        True
+    """
+    labels = _REF_LABEL.findall(text)
+    if labels:
+        number = _LEADING_NUMBER.match(labels[-1])
+        if number is not None:
+            return _clamp(float(number.group()))
+        # a run of points only: the reference raises; here nothing is stated (tags not read)
+        return None
+    tags = _REF_TAG.findall(text)
+    if tags:
+        content = tags[-1].strip()
+        if not content:
+            return None
+        try:
+            value = float(content)
+        except ValueError:
+            found = _REF_NUMBER.search(content)
+            if found is None:
+                return None
+            value = float(found.group())
+        return _clamp(_reference_scale(value, content))
+    unclosed = list(_REF_OPEN_TAG.finditer(text))
+    if unclosed:
+        last = unclosed[-1]
+        return _clamp(_reference_scale(float(last.group(1)), last.group()))
+    return None
+
+
+PARSERS = {"default": parse_confidence, "reference": parse_confidence_reference}
+
+
 # --- token spans: which completion tokens state the answer and which the confidence ----------
 
 

@@ -35,6 +35,7 @@ from lightning_caopd.errors import ConfigError, exit_with, user_message
 from lightning_caopd.module import StudentSystem
 from lightning_caopd.runner import (
     build_student,
+    chat_template_kwargs,
     check_config,
     lock_output_dir,
     pin_cpu_isa,
@@ -118,6 +119,21 @@ def merge_overrides(run: list[str], cli: list[str]) -> list[str]:
     return [o for o in run if _key(o) not in given] + list(cli)
 
 
+def student_overrides(student: str | Path) -> list[str]:
+    """The overrides of ``student=<folder>``: ``model=hf`` on that folder, the rest as given.
+
+    When the folder is a training run's ``student/``, that run's overrides other than its model
+    (data, experiment, ...) come first, as for ``checkpoint=``; the command line's win.
+    """
+    cli = [o for o in HydraConfig.get().overrides.task if _key(o) != "student"]
+    run, folder = training_run_overrides(Path(student) / "config.json")
+    if folder is not None:
+        log.info("Composing the training run's config (%s): %s", folder, " ".join(run))
+    run = [o for o in run if _key(o) != "model" and not _key(o).startswith("model.")]
+    model = ["model=hf", f"model.pretrained_model_name_or_path={Path(student).resolve()}"]
+    return merge_overrides(run + model, cli)
+
+
 def load_student_weights(student: torch.nn.Module, checkpoint: str | Path) -> None:
     """Load the student's weights from a training run's Lightning checkpoint.
 
@@ -179,7 +195,9 @@ def _score(cfg: DictConfig, out_dir: Path, datamodule) -> dict:
     if cfg.get("checkpoint"):
         load_student_weights(student, cfg.checkpoint)
     eval_opts = OmegaConf.to_container(cfg.get("eval") or {}, resolve=True)
-    module = StudentSystem(student, tokenizer, task, eval=eval_opts)
+    module = StudentSystem(
+        student, tokenizer, task, eval=eval_opts, chat_template_kwargs=chat_template_kwargs(cfg)
+    )
     run_info = {
         "model": next((cfg.model[k] for k in _MODEL_KEYS if cfg.model.get(k)), None),
         "checkpoint": cfg.get("checkpoint"),
@@ -203,7 +221,9 @@ def _score(cfg: DictConfig, out_dir: Path, datamodule) -> dict:
 def main(cfg: DictConfig) -> None:
     """Hydra entry point; a checkpoint of a training run brings that run's overrides."""
     try:
-        if cfg.get("checkpoint"):
+        if cfg.get("student"):
+            cfg = hydra.compose(config_name="evaluate", overrides=student_overrides(cfg.student))
+        elif cfg.get("checkpoint"):
             run, folder = training_run_overrides(cfg.checkpoint)
             if folder is not None:
                 overrides = merge_overrides(run, list(HydraConfig.get().overrides.task))

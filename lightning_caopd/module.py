@@ -7,6 +7,7 @@ reliability diagrams, ``metrics.json``) is in `lightning_caopd.callbacks`.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -82,7 +83,10 @@ class StudentSystem(L.LightningModule):
         optimizer: a partial optimizer over the student's parameters (None: no training).
         scheduler: an optional partial LR scheduler over the optimizer (stepped per step).
         eval: generation options of the evaluation (``max_new_tokens``, ``do_sample``,
-            ``temperature``, ``max_prompt_length``).
+            ``temperature``, ``max_prompt_length``) and ``scoring``: ``default`` or
+            ``reference`` (the released CaOPD scorer's confidence parsing and ECE bins).
+        chat_template_kwargs: keyword arguments of every chat-template call (student,
+            teacher, evaluation), from ``model.chat_template_kwargs``.
     """
 
     def __init__(
@@ -93,6 +97,7 @@ class StudentSystem(L.LightningModule):
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
         eval: dict | None = None,  # noqa: A002 - the config key users write
+        chat_template_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
         # from_pretrained returns a model in eval mode; the student trains in train mode
@@ -100,7 +105,12 @@ class StudentSystem(L.LightningModule):
         self.student, self.tokenizer, self.task = student.train(), tokenizer, task
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.eval_cfg = {**EVAL_DEFAULTS, **(eval or {})}
-        self.val_metrics = CalibrationMetrics(categories=list(task.categories))
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        scoring = self.eval_cfg.get("scoring", "default")
+        self.val_metrics = CalibrationMetrics(
+            categories=list(task.categories),
+            binning="reference" if scoring == "reference" else "uniform",
+        )
         self.val_answer_entropy = MeanMetric()
         self.val_confidence_entropy = MeanMetric()
         self.evaluation: dict | None = None
@@ -110,7 +120,14 @@ class StudentSystem(L.LightningModule):
         optimizer = self.optimizer_factory(params=self.student.parameters())
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer=optimizer)
+        factory = self.scheduler_factory
+        # a schedule that needs the run's length and leaves it null gets the trainer's estimate
+        keywords = getattr(factory, "keywords", {})
+        if "total_steps" in keywords and keywords["total_steps"] is None:
+            factory = functools.partial(
+                factory, total_steps=self.trainer.estimated_stepping_batches
+            )
+        scheduler = factory(optimizer=optimizer)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
@@ -138,6 +155,8 @@ class StudentSystem(L.LightningModule):
             max_prompt_length=self.eval_cfg.get("max_prompt_length"),
             do_sample=self.eval_cfg["do_sample"],
             temperature=self.eval_cfg["temperature"],
+            scoring=self.eval_cfg.get("scoring", "default"),
+            chat_template_kwargs=self.chat_template_kwargs,
         )
         dev = self.device
         self.val_metrics.update(out.confidence.to(dev), out.correct.to(dev), out.category.to(dev))
@@ -195,6 +214,7 @@ class DistillationModule(StudentSystem):
             rollouts of every optimizer step.
         eval: evaluation options (see `StudentSystem`).
         name: the method's name in logs and metrics.json.
+        chat_template_kwargs: see `StudentSystem`.
     """
 
     def __init__(
@@ -212,8 +232,9 @@ class DistillationModule(StudentSystem):
         engine: RolloutEngine | None = None,
         eval: dict | None = None,  # noqa: A002 - the config key users write
         name: str = "opd",
+        chat_template_kwargs: dict | None = None,
     ) -> None:
-        super().__init__(student, tokenizer, task, optimizer, scheduler, eval)
+        super().__init__(student, tokenizer, task, optimizer, scheduler, eval, chat_template_kwargs)
         self.rollout = rollout or RolloutSettings()
         self.loss = loss or LossSettings()
         self.targets = targets or ConfidenceTargets()
@@ -283,7 +304,13 @@ class DistillationModule(StudentSystem):
         """The student's prompts, encoded; too long ones cut or skipped (counted, logged)."""
         r = self.rollout
         chats = [self.task.student_messages(it) for it in batch]
-        prompts, n_cut = encode_chats(self.tokenizer, chats, r.max_prompt_length, r.prompt_overflow)
+        prompts, n_cut = encode_chats(
+            self.tokenizer,
+            chats,
+            r.max_prompt_length,
+            r.prompt_overflow,
+            chat_template_kwargs=self.chat_template_kwargs,
+        )
         if r.prompt_overflow == "skip":
             batch = [it for it, p in zip(batch, prompts, strict=True) if p is not None]
             prompts = [p for p in prompts if p is not None]
@@ -337,7 +364,12 @@ class DistillationModule(StudentSystem):
                         student_chat, self.targets.teacher_context(context, p), note
                     )
                 )
-        prompts, n_cut = encode_chats(self.tokenizer, chats, self.rollout.max_prompt_length)
+        prompts, n_cut = encode_chats(
+            self.tokenizer,
+            chats,
+            self.rollout.max_prompt_length,
+            chat_template_kwargs=self.chat_template_kwargs,
+        )
         return TeacherInputs(prompts, torch.tensor(rows, dtype=torch.bool), fallbacks, n_cut)
 
     def divergence(

@@ -18,6 +18,7 @@ def encode_chats(
     chats: list[list[dict]],
     max_length: int | None = None,
     overflow: str = "truncate",
+    chat_template_kwargs: dict | None = None,
 ) -> tuple[list[list[int] | None], int]:
     """Render chats with the tokenizer's chat template (generation prompt on) and tokenize them.
 
@@ -29,6 +30,8 @@ def encode_chats(
         max_length: the longest prompt in tokens (None: no limit).
         overflow: what happens to a longer prompt: ``truncate`` drops its left end, keeping
             the question's end and the generation prompt; ``skip`` returns None in its place.
+        chat_template_kwargs: extra keyword arguments of the chat template, for every chat
+            (``model.chat_template_kwargs``, e.g. ``{"enable_thinking": False}`` for Qwen3).
 
     Returns:
         The token ids of each prompt (None for a skipped one) and how many prompts were longer
@@ -36,8 +39,10 @@ def encode_chats(
     """
     if overflow not in ("truncate", "skip"):
         raise ValueError(f"The prompt overflow mode must be 'truncate' or 'skip'; got {overflow!r}")
+    extra = dict(chat_template_kwargs or {})
     texts = [
-        tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats
+        tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True, **extra)
+        for c in chats
     ]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     over = 0

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 LOCK_NAME = ".run.lock"
 SUMMARY_KEYS = ("n", "accuracy", "ece", "brier", "format_rate")
+# eval.scoring: this project's confidence parser and ECE bins, or the reference scorer's
+SCORING = ("default", "reference")
 
 
 def _cause(err: InstantiationException) -> BaseException:
@@ -77,6 +79,8 @@ def check_config(cfg: DictConfig):
     tokens = eval_cfg.get("max_new_tokens")
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
         raise out_of_range("eval.max_new_tokens", tokens, "an integer >= 1")
+    if eval_cfg.get("scoring", "default") not in SCORING:
+        raise out_of_range("eval.scoring", eval_cfg.get("scoring"), " or ".join(SCORING))
     try:
         return build_datamodule(cfg)
     except InstantiationException as err:
@@ -224,10 +228,19 @@ def prepare_base(cfg: DictConfig) -> None:
 def build_student(cfg: DictConfig):
     """The tokenizer, the student and the task, from ``cfg.model`` and ``cfg.data.task``.
 
-    The student carries its LoRA adapter when ``model.lora`` is set.
+    With ``model.init_from`` (a run directory, its ``student/`` folder or a ``.ckpt``) the
+    student starts from that run's trained weights (a self-distillation teacher is then a copy
+    of them); the optimizer and the step count start afresh, unlike ``ckpt_path``. The student
+    carries its LoRA adapter when ``model.lora`` is set (on top of the loaded weights).
     """
     tokenizer = instantiate(cfg.model.tokenizer)
     student = instantiate(cfg.model.student)
+    if cfg.model.get("init_from"):  # a trained student's weights; fresh optimizer and steps
+        from lightning_caopd.checkpointing import student_state_dict
+
+        weights = student_state_dict(cfg.model.init_from)
+        student.load_state_dict(weights)
+        log.info("Started the student from %s", cfg.model.init_from)
     if cfg.model.get("lora") is not None:  # only the adapter trains; the teacher is the base
         from lightning_caopd.models import apply_lora
 
@@ -256,11 +269,19 @@ def build(cfg: DictConfig, datamodule=None):
 
         check_same_tokenizer(tokenizer, instantiate(cfg.model.teacher_tokenizer))
         extra["teacher"] = instantiate(cfg.model.teacher)
+    if cfg.model.get("chat_template_kwargs"):
+        extra["chat_template_kwargs"] = chat_template_kwargs(cfg)
     eval_opts = OmegaConf.to_container(cfg.get("eval") or {}, resolve=True)
     module = instantiate(
         cfg.method, student=student, tokenizer=tokenizer, task=task, eval=eval_opts, **extra
     )
     return module, datamodule if datamodule is not None else build_datamodule(cfg)
+
+
+def chat_template_kwargs(cfg: DictConfig) -> dict:
+    """``model.chat_template_kwargs`` as a plain dict (``{}`` when unset)."""
+    value = cfg.model.get("chat_template_kwargs")
+    return OmegaConf.to_container(value, resolve=True) if value else {}
 
 
 def build_trainer(cfg: DictConfig, **kwargs) -> L.Trainer:

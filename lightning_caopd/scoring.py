@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lightning_caopd.confidence import answer_confidence_tokens, parse_confidence
+from lightning_caopd.confidence import PARSERS, answer_confidence_tokens
 from lightning_caopd.rollout import build_batch, completion_logits, encode_chats, sample
 from lightning_caopd.tasks.base import Task
 
@@ -57,13 +57,22 @@ def evaluate_items(
     max_prompt_length: int | None = None,
     do_sample: bool = False,
     temperature: float = 1.0,
+    scoring: str = "default",
+    chat_template_kwargs: dict | None = None,
 ) -> EvalBatch:
     """Answer `items` without privileged context and score every answer and confidence.
 
     A prompt longer than `max_prompt_length` tokens loses its left end; how many did is logged.
+    `scoring` picks the confidence parser (`lightning_caopd.confidence.PARSERS`): ``default``
+    or ``reference`` (the released CaOPD scorer's rules; its confidences are kept in float64,
+    as the reference's numpy arrays are, so its bins see the same values).
+    `chat_template_kwargs` go to every chat-template call (e.g. ``enable_thinking=False``).
     """
     prompts, n_cut = encode_chats(
-        tokenizer, [task.student_messages(it) for it in items], max_prompt_length
+        tokenizer,
+        [task.student_messages(it) for it in items],
+        max_prompt_length,
+        chat_template_kwargs=chat_template_kwargs,
     )
     if n_cut:
         log.warning(
@@ -74,8 +83,10 @@ def evaluate_items(
             max_prompt_length,
         )
     roll = sample(model, tokenizer, prompts, 1, max_new_tokens, temperature, do_sample=do_sample)
+    parse = PARSERS[scoring]
     conf = torch.tensor(
-        [c if (c := parse_confidence(t)) is not None else float("nan") for t in roll.texts]
+        [c if (c := parse(t)) is not None else float("nan") for t in roll.texts],
+        dtype=torch.float64 if scoring == "reference" else None,
     )
     correct = torch.tensor([task.verify(t, it) for t, it in zip(roll.texts, items, strict=True)])
     cats = list(task.categories)

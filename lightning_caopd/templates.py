@@ -57,13 +57,14 @@ class TeacherTemplate:
             last user turn), ``{context}`` (the privileged context) and ``{note}`` (the CaOPD
             note, or empty).
         note_format: how a non-empty note is inserted into ``{note}``.
-        confidence_line: the confidence stated after the privileged solution.
+        confidence_line: the confidence stated after the privileged solution (replacing any it
+            states); None leaves the solution as written (the reference's science demo).
     """
 
     source: str = "demo"
     user_format: str = "Reference solution:\n{context}{note}\n\n{prompt}"
     note_format: str = "\n{note}"
-    confidence_line: str = "Confidence: 1.00"
+    confidence_line: str | None = "Confidence: 1.00"
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -104,12 +105,15 @@ class TeacherTemplate:
         out: list[str | None] = []
         for i in range(len(solutions)):
             sibling = next((j for j in successes if j != i), None)
-            out.append(
-                None
-                if sibling is None
-                else with_confidence(strip_thinking(solutions[sibling]), self.confidence_line)
-            )
+            sibling_text = None if sibling is None else strip_thinking(solutions[sibling])
+            out.append(None if sibling_text is None else self._stated(sibling_text))
         return out, False
+
+    def _stated(self, solution: str) -> str:
+        """A solution with the template's confidence line (as written when there is none)."""
+        if self.confidence_line is None:
+            return solution
+        return with_confidence(solution, self.confidence_line)
 
     def context(self, item: dict, solutions: list[str], correct: list[bool]) -> tuple[str, bool]:
         """The privileged context for one prompt group.
@@ -133,9 +137,9 @@ class TeacherTemplate:
         if self.source == "correct_solution":
             for text, ok in zip(solutions, correct, strict=True):
                 if ok:
-                    return with_confidence(text, self.confidence_line), False
-            return with_confidence(item["demo"], self.confidence_line), True
-        return with_confidence(item["demo"], self.confidence_line), False
+                    return self._stated(text), False
+            return self._stated(item["demo"]), True
+        return self._stated(item["demo"]), False
 
     def messages(self, student_messages: list[dict], context: str, note: str = "") -> list[dict]:
         """Teacher chat: the student's messages with the context in the last user turn."""

@@ -141,7 +141,17 @@ class RowsDataModule(ItemDataModule):
             The items, in source order.
         """
         rows = load_rows(source, split)[: self.limit]
-        return [self.row_to_item(row, i, source) for i, row in enumerate(rows)]
+        items = [self.row_to_item(row, i, source) for i, row in enumerate(rows)]
+        derived = sum(bool(it.pop(science.ANSWER_FROM_DEMO, False)) for it in items)
+        if derived:
+            log.info(
+                "%s: %d of %d rows have no `answer`; it was taken from the last <answer> tag of "
+                "their demonstration (`output_text`).",
+                source,
+                derived,
+                len(items),
+            )
+        return items
 
     def setup(self, stage: str | None = None) -> None:
         """Read and split the rows (once; later calls keep them)."""

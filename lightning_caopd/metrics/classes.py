@@ -287,12 +287,16 @@ class ExpectedCalibrationError(_CalibrationMetric):
       samples, but tied confidences always share one bin: a tie straddling an edge goes
       wholly to the upper bin, and equal edges leave the lower bins empty. The value does not
       depend on input order. State: the values (``cat``).
+    * ``strategy="reference"``: the released CaOPD scorer's equal-width bins (``linspace`` /
+      ``digitize``; see ``functional._reference_bin_index``): as ``uniform``, but the edges
+      ``i * 0.1`` are compared in float64, so 0.3, 0.6 and 0.7 fall in the bin below. Same state
+      as ``uniform``.
 
     NaN before any sample.
 
     Args:
         n_bins: Number of bins.
-        strategy: ``"uniform"`` or ``"quantile"``.
+        strategy: ``"uniform"``, ``"quantile"`` or ``"reference"``.
         validate_args: Check input values on every update.
         kwargs: Passed to :class:`torchmetrics.Metric`.
 
@@ -311,11 +315,13 @@ class ExpectedCalibrationError(_CalibrationMetric):
         super().__init__(**kwargs)
         if not isinstance(n_bins, int) or n_bins < 1:
             raise ValueError(f"`n_bins` must be a positive int, got {n_bins!r}.")
-        if strategy not in ("uniform", "quantile"):
-            raise ValueError(f"`strategy` must be 'uniform' or 'quantile', got {strategy!r}.")
+        if strategy not in ("uniform", "quantile", "reference"):
+            raise ValueError(
+                f"`strategy` must be 'uniform', 'quantile' or 'reference', got {strategy!r}."
+            )
         self.n_bins = n_bins
         self.strategy = strategy
-        if strategy == "uniform":
+        if strategy != "quantile":
             self.add_state("bin_count", torch.zeros(n_bins, dtype=torch.long), "sum")
             self.add_state("bin_confidence", torch.zeros(n_bins, dtype=torch.float64), "sum")
             self.add_state("bin_correct", torch.zeros(n_bins, dtype=torch.float64), "sum")
@@ -330,7 +336,8 @@ class ExpectedCalibrationError(_CalibrationMetric):
             self.confidence.append(confidence.to(self.dtype))
             self.correct.append(correct.to(self.dtype))
             return
-        index = F._uniform_bin_index(confidence, self.n_bins)
+        binning = F._reference_bin_index if self.strategy == "reference" else F._uniform_bin_index
+        index = binning(confidence, self.n_bins)
         count, conf_sum, correct_sum = F._binned_update(confidence, correct, index, self.n_bins)
         self.bin_count += count
         self.bin_confidence += conf_sum
@@ -338,7 +345,7 @@ class ExpectedCalibrationError(_CalibrationMetric):
 
     def _bins(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """``(lower, upper, count, confidence_sum, correct_sum)`` per bin, each (n_bins,)."""
-        if self.strategy == "uniform":
+        if self.strategy != "quantile":
             edges = torch.linspace(0, 1, self.n_bins + 1, dtype=torch.float64)
             return edges[:-1], edges[1:], self.bin_count, self.bin_confidence, self.bin_correct
         confidence, correct = _cat_values(self.confidence, self.correct, self.dtype)

@@ -33,7 +33,7 @@ KEYS = (*ALL_ITEMS, *STATED)
 class _Group(nn.Module):
     """The metrics of one slice of the data (everything, or one category)."""
 
-    def __init__(self, n_bins: int) -> None:
+    def __init__(self, n_bins: int, binning: str = "uniform") -> None:
         super().__init__()
         self.format_rate = FormatRate()  # its counts are n and n_stated
         # The inputs are checked once by CalibrationMetrics.update, not by every member.
@@ -49,7 +49,9 @@ class _Group(nn.Module):
             {
                 "accuracy_stated": MeanAccuracy(validate_args=False),
                 "mean_confidence": MeanConfidence(validate_args=False),
-                "ece": ExpectedCalibrationError(n_bins=n_bins, validate_args=False),
+                "ece": ExpectedCalibrationError(
+                    n_bins=n_bins, strategy=binning, validate_args=False
+                ),
                 "brier": BrierScore(validate_args=False),
                 "ocg": OverconfidenceGap(validate_args=False),
                 "spr": StrictPairwiseRanking(validate_args=False),
@@ -120,7 +122,9 @@ class CalibrationMetrics(nn.Module):
 
     Args:
         categories: Names of the categories that ``update``'s ``category`` indexes.
-        n_bins: ECE bins (uniform).
+        n_bins: ECE bins.
+        binning: the ECE's binning, ``uniform`` (the default) or ``reference`` (the released
+            CaOPD scorer's ``linspace``/``digitize`` bins, ``eval.scoring=reference``).
 
     Example:
         >>> metrics = CalibrationMetrics(categories=["math", "code"])
@@ -139,14 +143,16 @@ class CalibrationMetrics(nn.Module):
         0.5025
     """
 
-    def __init__(self, categories: list[str] | None = None, n_bins: int = 10) -> None:
+    def __init__(
+        self, categories: list[str] | None = None, n_bins: int = 10, binning: str = "uniform"
+    ) -> None:
         super().__init__()
         self.categories = list(categories or [])
         if len(set(self.categories)) != len(self.categories):
             raise ValueError(f"Duplicate category names in {self.categories}.")
-        self.overall = _Group(n_bins)
+        self.overall = _Group(n_bins, binning)
         # Indexed by position: category names need not be valid module names.
-        self.by_category = nn.ModuleList(_Group(n_bins) for _ in self.categories)
+        self.by_category = nn.ModuleList(_Group(n_bins, binning) for _ in self.categories)
 
     def update(self, confidence: Tensor, correct: Tensor, category: Tensor | None = None) -> None:
         """Add one batch.

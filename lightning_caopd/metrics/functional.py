@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-Strategy = Literal["uniform", "quantile"]
+Strategy = Literal["uniform", "quantile", "reference"]
 
 
 def _format_inputs(
@@ -94,6 +94,21 @@ def _uniform_bin_index(confidence: Tensor, n_bins: int) -> Tensor:
         confidence.dtype
     )
     return torch.bucketize(confidence, edges, right=True)
+
+
+def _reference_bin_index(confidence: Tensor, n_bins: int) -> Tensor:
+    """Equal-width bins as the released CaOPD scorer draws them (``eval.scoring=reference``).
+
+    ``eval/calibration_metrics.py`` uses ``np.linspace`` edges and ``np.digitize``: bin ``i``
+    holds ``[e_i, e_{i+1})`` with ``e_i = i * (1 / n)`` in float64.
+
+    Those edges are not the decimals they stand for (``3 * 0.1`` is 0.30000000000000004), and
+    the confidences are compared in float64, so a stated 0.3, 0.6 or 0.7 lands in the bin
+    *below* (``_uniform_bin_index`` puts it in the bin that starts there).
+    """
+    step = 1.0 / n_bins
+    edges = torch.arange(1, n_bins, dtype=torch.float64, device=confidence.device) * step
+    return torch.bucketize(confidence.double(), edges, right=True)
 
 
 def _quantile_edges(confidence: Tensor, n_bins: int) -> Tensor:
@@ -193,7 +208,8 @@ def expected_calibration_error(
     confidence, correct = _format_inputs(confidence, correct)
     if strategy == "quantile":
         return _quantile_ece_compute(confidence, correct, n_bins)
-    index = _uniform_bin_index(confidence, n_bins)
+    binning = _reference_bin_index if strategy == "reference" else _uniform_bin_index
+    index = binning(confidence, n_bins)
     return _ece_compute(*_binned_update(confidence, correct, index, n_bins))
 
 

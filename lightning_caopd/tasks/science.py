@@ -48,6 +48,7 @@ from lightning_caopd.data.loading import row_error
 from lightning_caopd.tasks.base import Task
 
 ANSWER_FORMATS = ("tag", "lenient")
+ANSWER_FROM_DEMO = "answer_from_demo"  # an item key: its answer came from its demonstration
 # Possessive quantifiers (`*+`, `?+`): every piece is followed by characters it cannot match,
 # so they accept what the plain forms accept, without backtracking.
 _CHOICE = re.compile(r"\s*+[*_]*+\s*+\(?+\s*+([A-Za-z])\s*+\)?+\s*+[.:]?+\s*+[*_]*+\s*+")
@@ -236,7 +237,9 @@ def row_to_item(row: dict, index: int, source: str) -> dict:
     """Normalise one raw science row into an item.
 
     Evaluation rows carry ``prompt`` (a chat [system, user]) and ``answer``; training rows
-    carry ``messages`` and ``output_text`` (the demonstration) instead of ``prompt``.
+    carry ``messages`` and ``output_text`` (the demonstration) instead of ``prompt``. A row
+    without ``answer`` (the reference's training rows) takes it from the last closed
+    ``<answer>X</answer>`` of ``output_text``; such items carry ``ANSWER_FROM_DEMO``.
     Assistant turns ending ``messages`` are not part of the prompt; their text is the
     demonstration when ``output_text`` is absent.
 
@@ -250,18 +253,27 @@ def row_to_item(row: dict, index: int, source: str) -> dict:
         turn; ``answer`` is the uppercase letter.
 
     Raises:
-        DataError: the answer or the prompt is missing or malformed.
+        DataError: the answer (and a demonstration to take it from) or the prompt is missing
+            or malformed.
     """
     raw = _raw_answer(row)
+    from_demo = False
     if raw is None or not str(raw).strip():
-        raise row_error(
-            source,
-            index,
-            "answer",
-            "is missing or empty",
-            'Every row needs the correct option letter (e.g. "answer": "B"); fix the row '
-            "or remove it.",
-        )
+        # the reference's training rows: no `answer`, the demonstration ends in <answer>X</answer>
+        demo_text = row.get("output_text")
+        raw = extract_answer(demo_text, "tag") if isinstance(demo_text, str) else None
+        if raw is None:
+            raise row_error(
+                source,
+                index,
+                "answer",
+                "is missing or empty, and the row has no `output_text` ending in "
+                "<answer>X</answer> to take it from",
+                'Every row needs the correct option letter (e.g. "answer": "B") or a '
+                "demonstration (`output_text`) whose last <answer> tag holds it; fix the row "
+                "or remove it.",
+            )
+        from_demo = True
     answer = _choice(str(raw))
     if answer is None:
         raise row_error(
@@ -294,13 +306,16 @@ def row_to_item(row: dict, index: int, source: str) -> dict:
     demo = row.get("output_text")
     if not isinstance(demo, str) or not demo.strip():
         demo = tail[-1]["content"] if tail else demo_from_answer(answer)
-    return {
+    item = {
         "id": str(row["id"]) if row.get("id") is not None else f"{Path(source).stem}-{index}",
         "messages": messages,
         "answer": answer,
         "demo": demo,
         "category": str(row.get("category") or "science"),
     }
+    if from_demo:
+        item[ANSWER_FROM_DEMO] = True  # counted (and removed) by RowsDataModule.load_items
+    return item
 
 
 CONFIDENCE_INSTRUCTION = (
