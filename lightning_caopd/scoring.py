@@ -47,6 +47,22 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+def parse_confidences(texts: list[str], scoring: str = "default") -> torch.Tensor:
+    """(N,) stated confidences of `texts`, NaN where none is stated.
+
+    Args:
+        texts: completions.
+        scoring: ``default`` (`parse_confidence`, float32) or ``reference``
+            (`parse_confidence_reference`, float64 as the reference's numpy arrays, so that its
+            bins see the values it sees).
+    """
+    parse = PARSERS[scoring]
+    return torch.tensor(
+        [c if (c := parse(t)) is not None else float("nan") for t in texts],
+        dtype=torch.float64 if scoring == "reference" else None,
+    )
+
+
 @torch.no_grad()
 def evaluate_items(
     model: PreTrainedModel,
@@ -83,11 +99,7 @@ def evaluate_items(
             max_prompt_length,
         )
     roll = sample(model, tokenizer, prompts, 1, max_new_tokens, temperature, do_sample=do_sample)
-    parse = PARSERS[scoring]
-    conf = torch.tensor(
-        [c if (c := parse(t)) is not None else float("nan") for t in roll.texts],
-        dtype=torch.float64 if scoring == "reference" else None,
-    )
+    conf = parse_confidences(roll.texts, scoring)
     correct = torch.tensor([task.verify(t, it) for t, it in zip(roll.texts, items, strict=True)])
     cats = list(task.categories)
     category = torch.tensor(

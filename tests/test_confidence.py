@@ -284,3 +284,33 @@ def test_parse_time_grows_linearly():
         return sum(min(_cpu_seconds(strip_confidence, t) for _ in range(3)) for t in texts)
 
     assert total(1_000_000) < 10 * total(250_000)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Confidence: 0.62", 0.62),
+        ("Confidence: 8", 1.0),  # clamped, not rescaled
+        ("Confidence: 75", 1.0),
+        ("confidence:\n0.4", 0.4),  # any case; spaces include newlines
+        ("overconfidence: 0.2", 0.2),  # no word boundary
+        ("**Confidence:** 0.9", None),  # markdown around the colon: no label
+        ("Confidence: 0.85.", 0.85),  # the reference raises; the leading number is read
+        ("Confidence: ...", None),
+        ("Confidence: 0.2 then <confidence>0.9</confidence>", 0.2),  # a label beats any tag
+        ("<confidence>80</confidence>", 0.8),  # tags are rescaled
+        ("<confidence>7</confidence>", 0.7),
+        ("<confidence>0.5%</confidence>", 0.005),
+        ("<confidence>250</confidence>", 1.0),  # 2.5 in the reference: clamped here
+        ("<confidence>about 0.4</confidence>", 0.4),
+        ("<confidence> </confidence><confidence>0.3", None),  # an empty closed tag wins
+        ("<Confidence>0.4</Confidence>", None),  # tags are case-sensitive
+        ("<confidence> 6", 0.6),  # unclosed
+        ("nothing stated", None),
+    ],
+)
+def test_reference_parser_follows_the_released_scorer(text, expected):
+    from lightning_caopd.confidence import parse_confidence_reference
+
+    got = parse_confidence_reference(text)
+    assert got == (None if expected is None else pytest.approx(expected))

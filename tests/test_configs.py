@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -125,7 +126,8 @@ def test_experiments_carry_the_paper_hyper_parameters(experiment, make_cfg, tmp_
     assert cfg.callbacks.teacher_ema.rate == 0.01
     r = m.rollout
     assert (m.loss.skip_first_tokens, r.max_prompt_length, r.max_new_tokens) == (3, 1024, 1024)
-    assert cfg.data.batch_size * cfg.trainer.accumulate_grad_batches == 32
+    # 4 prompts x K=8 = 32 completions per optimizer step (the reference's 32 completions)
+    assert cfg.data.batch_size * cfg.trainer.accumulate_grad_batches == 4
     assert m.targets._target_.endswith("CaOPD") == experiment.startswith("caopd")
     assert cfg.data.task._target_.endswith(
         "ScienceTask" if "science" in experiment else "ToolUseTask"
@@ -166,3 +168,89 @@ def test_safe_prompt_length_and_multirun_dirs_named_by_overrides(make_cfg, tmp_p
     assert cfg.hydra.sweep.subdir == "data.num_eval=5,experiment=caopd,seed=1"
     named = make_cfg(["experiment=caopd", "data=science", "data.path=/x/rows.jsonl"], tmp_path)
     assert named.hydra.sweep.subdir == "data=science,experiment=caopd"  # paths left out
+
+
+README = Path(CONF_DIR).resolve().parents[1] / "README.md"
+_SETTING = re.compile(r"(?:(science|tool use): )?`([\w.]+)=([^`]*)`")
+
+
+def _readme_settings() -> list[tuple[str | None, str, str]]:
+    """(domain or None, key, value) of every `key=value` in the differences table's 3rd column."""
+    text = README.read_text()
+    table = text.split("### Differences from the reference code", 1)[1].split("\n\n")[2]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    found = []
+    for row in rows[1:]:  # after the header
+        column = row.split(" | ")[2]
+        found += _SETTING.findall(column)
+    return [(domain or None, key, value) for domain, key, value in found]
+
+
+def _expected(value: str, got):
+    """The README's value in the type of the config's: text as written (escapes decoded)."""
+    if value == "null":
+        return None
+    if isinstance(got, str):
+        return value.encode().decode("unicode_escape")
+    return OmegaConf.create(f"v: {value}").v  # YAML: 2e-5, 1.0, 8, false
+
+
+@pytest.mark.parametrize(
+    "experiment, domain", [("caopd_science", "science"), ("caopd_tooluse", "tool use")]
+)
+def test_paper_presets_resolve_to_every_setting_of_the_readme_table(
+    experiment, domain, make_cfg, tmp_path
+):
+    cfg = make_cfg([f"experiment={experiment}", "data.path=train.jsonl"], tmp_path)
+    settings = _readme_settings()
+    assert len(settings) >= 20
+    for where, key, value in settings:
+        if value == "..." or (where is not None and where != domain):
+            continue
+        got = OmegaConf.select(cfg, key, throw_on_missing=True)
+        assert got == _expected(value, got), (
+            f"{experiment}: {key} is {got!r}, the README says {value}"
+        )
+    # 4 prompts x K=8 = 32 completions per optimizer step, as the reference's 1 x 32 x 8 / 8
+    prompts = cfg.data.batch_size * cfg.trainer.accumulate_grad_batches
+    assert prompts * cfg.method.rollout.num_rollouts == 32 and prompts == 4
+    # a separate eval set is scored whole; the training file holds rows out
+    assert cfg.data.num_eval == (50 if domain == "science" else 10)
+    separate = make_cfg(
+        [f"experiment={experiment}", "data.path=train.jsonl", "data.eval_path=eval.jsonl"], tmp_path
+    )
+    assert separate.data.num_eval is None
+
+
+@pytest.mark.parametrize("experiment", ["caopd_science", "caopd_tooluse"])
+def test_caopd_teacher_prompt_is_the_references_text(experiment, make_cfg, tmp_path):
+    from hydra.utils import instantiate
+
+    cfg = make_cfg([f"experiment={experiment}", "data.path=train.jsonl"], tmp_path)
+    template, targets = instantiate(cfg.method.template), instantiate(cfg.method.targets)
+    demo = "<reasoning>r</reasoning>\n<answer>B</answer>"
+    context, _ = template.context({"demo": demo}, [], [])
+    context = targets.teacher_context(context, 0.375)
+    chat = [{"role": "user", "content": "Q?"}]
+    got = template.messages(chat, context, targets.teacher_note(0.375))[0]["content"]
+    # main.py's demo template, distil_trainer.py's note before the instruction; the tool-use
+    # demonstration carries `Confidence: 1.00`, replaced by P_acc
+    shown = demo if "science" in experiment else demo + "\nConfidence: 0.38"
+    assert got == (
+        "Q?\n\nThis is an example for a response to the question:\n"
+        f"{shown}\n\n"
+        "Note: The empirical confidence for this question is 0.38. "
+        "Output this exact value in the 'Confidence:' field.\n\n"
+        "Now answer with a response of your own, including the thinking process.\n"
+    )
+
+
+def test_paper_schedule_builds_from_the_preset(make_cfg, tmp_path):
+    import torch
+    from hydra.utils import instantiate
+
+    cfg = make_cfg(["experiment=caopd_science", "data.path=train.jsonl"], tmp_path)
+    factory = instantiate(cfg.method.scheduler)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-5)
+    sched = factory(optimizer=opt, total_steps=20)
+    assert sched.lr_lambdas[0](0) == 0.0 and sched.lr_lambdas[0](2) == 1.0  # 2 warm-up steps

@@ -116,3 +116,18 @@ def test_prompt_longer_than_the_limit_is_truncated_or_skipped_and_counted():
     assert n == 1 and skipped == [full[0], None]
     with pytest.raises(ValueError, match="'truncate' or 'skip'"):
         encode_chats(tok, chats, limit, "drop")
+
+
+def test_chat_template_kwargs_reach_the_template(tiny_dir):
+    from lightning_caopd.models import load_tokenizer
+    from lightning_caopd.rollout import encode_chats
+
+    tok = load_tokenizer(str(tiny_dir))
+    tok.chat_template = (
+        "{% if enable_thinking is defined and not enable_thinking %}x{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    chats = [[{"role": "user", "content": "ab"}]]
+    plain, _ = encode_chats(tok, chats)
+    off, _ = encode_chats(tok, chats, chat_template_kwargs={"enable_thinking": False})
+    assert tok.decode(plain[0]) == "ab" and tok.decode(off[0]) == "xab"

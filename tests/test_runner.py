@@ -306,3 +306,176 @@ def test_train_log_holds_the_console_and_the_console_is_quiet(tiny_dir, tmp_path
     assert "loss: " in out.stdout  # on the progress bar
     for noise in ("Tip:", "litlogger", "LeafSpec", "Found ", "Traceback"):
         assert noise not in console
+
+
+# --- the paper's experiments (conf/experiment/paper/) at tiny scale ----------------------------
+
+
+def _paper_cfg(make_cfg, experiment, model_dir, out, *extra):
+    """A paper preset on the tiny model and the fixture rows, 2 steps."""
+    science = "science" in experiment or experiment.endswith(
+        ("size_sweep", "k_ablation", "continual_stage2")
+    )
+    data = [f"data.path={SCIENCE}", "data.num_eval=2"]
+    if not science:
+        data = [f"data.path={TOOLUSE}", "data.num_eval=1"]
+    return make_cfg(
+        [
+            f"experiment={experiment}",
+            "model=hf",
+            f"model.pretrained_model_name_or_path={model_dir}",
+            *data,
+            *SHORT,
+            *extra,
+        ],
+        out,
+    )
+
+
+def test_size_sweep_runs_each_size(tiny_dir, make_cfg, tmp_path):
+    cfg = _paper_cfg(make_cfg, "paper/size_sweep", tiny_dir, tmp_path / "compose")
+    sizes = cfg.hydra.sweeper.params["model.pretrained_model_name_or_path"].split(",")
+    assert sizes == [f"Qwen/Qwen3-{s}" for s in ("0.6B", "1.7B", "4B", "8B", "14B", "32B")]
+    # the multirun at tiny scale: two "sizes", each its own run
+    other = save_tiny_hf_model(tmp_path / "other", seed=1)
+    for i, model_dir in enumerate((tiny_dir, other)):
+        out = tmp_path / f"size{i}"
+        result = run(_paper_cfg(make_cfg, "paper/size_sweep", model_dir, out))
+        written = json.loads((out / "metrics.json").read_text())
+        assert written["run"]["steps"] == 2 and result["n"] == 2
+
+
+def test_k_ablation_runs_each_k(tiny_dir, make_cfg, tmp_path):
+    cfg = _paper_cfg(make_cfg, "paper/k_ablation", tiny_dir, tmp_path / "compose")
+    ks = [int(k) for k in str(cfg.hydra.sweeper.params["method.rollout.num_rollouts"]).split(",")]
+    assert ks == [2, 4, 8, 16]
+    for k in ks:
+        out = tmp_path / f"k{k}"
+        run(
+            _paper_cfg(
+                make_cfg, "paper/k_ablation", tiny_dir, out, f"method.rollout.num_rollouts={k}"
+            )
+        )
+        assert json.loads((out / "metrics.json").read_text())["run"]["steps"] == 2
+
+
+def test_ood_trains_on_tool_use_and_scores_the_student_on_science(tiny_dir, make_cfg, tmp_path):
+    train_dir = tmp_path / "ood"
+    run(_paper_cfg(make_cfg, "paper/ood_tooluse", tiny_dir, train_dir))
+    assert (train_dir / "student" / "config.json").is_file()
+    eval_dir = tmp_path / "ood_eval"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightning_caopd.evaluate",
+            "experiment=paper/ood_science_eval",
+            "split=all",
+            f"student={train_dir / 'student'}",
+            f"data.eval_path={SCIENCE}",
+            "eval.max_new_tokens=8",
+            "data.eval_batch_size=6",
+            f"hydra.run.dir={eval_dir}",
+        ],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    written = json.loads((eval_dir / "metrics.json").read_text())
+    assert written["n"] == 6  # every science row, scored by the tool-use student
+    assert written["run"]["model"] == str((train_dir / "student").resolve())
+
+
+def test_continual_stage_two_starts_from_stage_one_student(tiny_dir, make_cfg, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    stage1 = tmp_path / "stage1"
+    first = run(_paper_cfg(make_cfg, "paper/continual_stage1", tiny_dir, stage1))
+    # stage 2 on stage 1's evaluation items: its `initial` evaluation is stage 1's final one
+    stage2 = tmp_path / "stage2"
+    cfg = _paper_cfg(
+        make_cfg,
+        "paper/continual_stage2",
+        tiny_dir,
+        stage2,
+        f"model.init_from={stage1}",
+        "data=tooluse",
+        f"data.path={TOOLUSE}",
+        "data.num_eval=1",
+    )
+    run(cfg)
+    second = json.loads((stage2 / "metrics.json").read_text())
+    keys = ("n", "accuracy", "format_rate", "brier_all", "answer_entropy", "by_category")
+    assert {k: second["initial"][k] for k in keys} == {k: first[k] for k in keys}
+    assert second["run"]["steps"] == 2  # a fresh step count
+    # the tiny model scores alike before and after training: compare the weights themselves
+    from lightning_caopd.models import load_pretrained
+    from lightning_caopd.runner import build_student
+
+    _, started, _ = build_student(cfg)
+    trained = load_pretrained(str(stage1 / "student")).state_dict()
+    untrained = load_pretrained(str(tiny_dir)).state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in started.state_dict().items())
+    assert any(not torch.equal(v, untrained[k]) for k, v in trained.items())
+    # stage 2 as the preset runs it, on science, from stage 1's student/ folder
+    science = tmp_path / "stage2_science"
+    run(
+        _paper_cfg(
+            make_cfg,
+            "paper/continual_stage2",
+            tiny_dir,
+            science,
+            f"model.init_from={stage1 / 'student'}",
+        )
+    )
+    assert json.loads((science / "metrics.json").read_text())["run"]["steps"] == 2
+    # student/ is a plain Hugging Face folder that generates
+    model = AutoModelForCausalLM.from_pretrained(stage1 / "student")
+    out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
+    assert out.shape[0] == 1 and 3 < out.shape[1] <= 7
+    assert (stage1 / "student" / "tokenizer_config.json").is_file()
+
+
+def test_init_from_a_missing_run_is_a_clear_error(tiny_dir, make_cfg, tmp_path):
+    cfg = _paper_cfg(
+        make_cfg,
+        "paper/continual_stage2",
+        tiny_dir,
+        tmp_path,
+        f"model.init_from={tmp_path / 'none'}",
+    )
+    with pytest.raises(Exception) as err:
+        run(cfg)
+    assert "model.init_from" in (user_message(err.value) or str(err.value))
+
+
+def test_chat_template_kwargs_reach_student_teacher_and_evaluation(
+    tiny_dir, make_cfg, tmp_path, monkeypatch
+):
+    from lightning_caopd import module as module_lib
+    from lightning_caopd import rollout
+    from lightning_caopd import scoring as scoring_lib
+
+    calls = []
+
+    def recording(tokenizer, chats, *args, **kwargs):
+        calls.append(kwargs.get("chat_template_kwargs"))
+        return rollout.encode_chats(tokenizer, chats, *args, **kwargs)
+
+    monkeypatch.setattr(module_lib, "encode_chats", recording)
+    monkeypatch.setattr(scoring_lib, "encode_chats", recording)
+    run(
+        _paper_cfg(
+            make_cfg,
+            "caopd_science",
+            tiny_dir,
+            tmp_path,
+            "model.chat_template_kwargs={enable_thinking: false}",
+        )
+    )
+    # per micro-batch a student and a teacher call, per evaluation batch one: all with the kwargs
+    assert len(calls) >= 4 * 2 + 2
+    assert all(c == {"enable_thinking": False} for c in calls)

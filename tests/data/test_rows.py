@@ -98,3 +98,40 @@ def test_held_out_choice_without_duplicates_is_unchanged():
     assert held_out_indices(50, 5, seed=3, exclude=[]) == held_out_indices(50, 5, seed=3)
     chosen = held_out_indices(50, 5, seed=3)
     assert not set(held_out_indices(50, 5, seed=3, exclude=chosen[:2])) & set(chosen[:2])
+
+
+def test_reference_format_training_rows_load_and_are_counted(tmp_path, caplog):
+    import json
+    import logging
+
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "Answer with <answer>X</answer>."},
+                {"role": "user", "content": f"Question {i}?"},
+            ],
+            "output_text": f"<reasoning>...</reasoning>\n<answer>{letter}</answer>",
+        }
+        for i, letter in enumerate("ABCD")
+    ]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = ScienceDataModule(path=str(path), eval_path=SCIENCE, num_eval=None)
+    with caplog.at_level(logging.INFO, logger="lightning_caopd.data.rows"):
+        dm.setup("fit")
+    assert [it["answer"] for it in dm.train_items] == list("ABCD")
+    assert all("answer_from_demo" not in it for it in dm.train_items)
+    assert len(dm.eval_items) == 6  # a separate eval set, scored whole
+    assert "4 of 4 rows have no `answer`" in caplog.text
+
+
+SHARED = Path(__file__).parents[3] / "shared" / "data"
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="no ../shared/data on this machine")
+def test_shared_dev_rows_still_load():
+    science = ScienceDataModule(path=str(SHARED / "science_dev.jsonl"))
+    tooluse = ToolUseDataModule(path=str(SHARED / "tooluse_dev.jsonl"))
+    items = science.load_items(science.path, None)
+    assert len(items) == 200 and all(it["answer"] in "ABCD" for it in items)
+    assert len(tooluse.load_items(tooluse.path, None)) == 40

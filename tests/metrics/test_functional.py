@@ -92,3 +92,18 @@ def test_doctests():
         result = doctest.testmod(module)
         assert result.failed == 0, module.__name__
     plt.close("all")
+
+
+def test_reference_bins_follow_numpy_linspace_and_digitize():
+    import numpy as np
+
+    from lightning_caopd.metrics.functional import _reference_bin_index, _uniform_bin_index
+
+    values = [0.0, 0.1, 0.2, 0.3, 0.45, 0.6, 0.7, 0.8, 0.9, 0.99, 1.0]
+    edges = np.linspace(0, 1, 11)
+    edges[0], edges[-1] = -np.inf, np.inf
+    expected = np.clip(np.digitize(values, edges) - 1, 0, 9).tolist()
+    got = _reference_bin_index(torch.tensor(values, dtype=torch.float64), 10).tolist()
+    assert got == expected
+    assert expected[3] == 2 and expected[5] == 5 and expected[6] == 6  # 0.3, 0.6, 0.7: lower bin
+    assert _uniform_bin_index(torch.tensor([0.3, 0.6, 0.7]), 10).tolist() == [3, 6, 7]

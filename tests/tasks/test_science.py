@@ -204,7 +204,9 @@ def test_science_teacher_keeps_system_message_and_gets_the_demo_in_the_user_turn
     assert [m["role"] for m in teacher] == ["system", "user"]
     assert teacher[0] == student[0] == item["messages"][0]
     assert teacher[1]["content"].startswith(student[1]["content"])  # question + instruction
-    assert item["demo"] in teacher[1]["content"] and "Confidence: 1.00" in teacher[1]["content"]
+    assert item["demo"] in teacher[1]["content"]
+    # the reference appends no confidence line to the science demonstration (tool use: 1.00)
+    assert "Confidence: 1.00" not in teacher[1]["content"]
     assert item["demo"] not in student[1]["content"]
     # One chat template for both: the rendered teacher prompt shares the system turn.
     tok = load_tokenizer(str(save_tiny_hf_model(tmp_path / "m")))
@@ -276,3 +278,32 @@ def test_doctests():
     result = doctest.testmod(science)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+REFERENCE_ROW = {  # the reference's training format: messages + output_text, no answer
+    "messages": [
+        {"role": "system", "content": "Answer with <answer>X</answer>."},
+        {"role": "user", "content": "Which option?"},
+    ],
+    "output_text": "<reasoning>Not <answer>A</answer>.</reasoning>\n<answer>C</answer>",
+}
+
+
+def test_reference_training_row_takes_its_answer_from_the_last_answer_tag():
+    item = science.row_to_item(REFERENCE_ROW, 0, "train.jsonl")
+    assert item["answer"] == "C"
+    assert item["demo"] == REFERENCE_ROW["output_text"]
+    assert [m["role"] for m in item["messages"]] == ["system", "user"]
+    assert item[science.ANSWER_FROM_DEMO] is True
+    with_answer = science.row_to_item({**REFERENCE_ROW, "answer": "B"}, 0, "train.jsonl")
+    assert with_answer["answer"] == "B" and science.ANSWER_FROM_DEMO not in with_answer
+
+
+@pytest.mark.parametrize("demo", [None, "<reasoning>no tag</reasoning>"])
+def test_row_with_neither_answer_nor_answer_tag_is_an_error_naming_it(demo):
+    row = {**REFERENCE_ROW, "output_text": demo}
+    with pytest.raises(DataError) as err:
+        science.row_to_item(row, 4, "train.jsonl")
+    message = str(err.value)
+    assert "train.jsonl" in message and "5" in message  # the source and the 1-based row
+    assert "answer" in message and "output_text" in message
