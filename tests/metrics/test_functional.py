@@ -95,8 +95,6 @@ def test_doctests():
 
 
 def test_reference_bins_follow_numpy_linspace_and_digitize():
-    import numpy as np
-
     from lightning_caopd.metrics.functional import _reference_bin_index, _uniform_bin_index
 
     values = [0.0, 0.1, 0.2, 0.3, 0.45, 0.6, 0.7, 0.8, 0.9, 0.99, 1.0]
