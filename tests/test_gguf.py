@@ -49,6 +49,24 @@ def test_conversion_is_cached_and_exact(tiny_gguf, tmp_path):
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
+def test_converted_model_is_an_ordinary_model_that_saves_again(tiny_gguf, tmp_path):
+    import json
+
+    from lightning_caopd.models import save_model
+
+    cache = convert(tiny_gguf, tmp_path / "conv")
+    assert "quantization_config" not in json.loads((cache / "config.json").read_text())
+    model, tok = load_model(tiny_gguf, cache), load_tokenizer(tiny_gguf, cache)
+    save_model(model, tok, tmp_path / "student")  # a run's student/ export
+    assert (tmp_path / "student" / "config.json").is_file()
+    # a folder converted by an older version, its config still marked "gguf", is repaired
+    config = json.loads((cache / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gguf", "gguf_file": "x.gguf"}
+    (cache / "config.json").write_text(json.dumps(config))
+    save_model(load_model(tiny_gguf, cache), tok, tmp_path / "student2")
+    assert "quantization_config" not in json.loads((cache / "config.json").read_text())
+
+
 def test_smollm2_config_builds_from_any_gguf(tiny_gguf, make_cfg, tmp_path):
     """model=smollm2_135m with model.gguf pointing at a tiny file: the config's code path."""
     cfg = make_cfg(["experiment=caopd_science", f"model.gguf={tiny_gguf}", "data.path=x"], tmp_path)
