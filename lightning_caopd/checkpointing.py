@@ -202,13 +202,14 @@ def load_checkpoint_file(path: _PATH, map_location: Any = "cpu") -> dict[str, An
 STUDENT_DIR = "student"  # <run dir>/student/: the final student, a Hugging Face folder
 
 
-def student_state_dict(source: _PATH) -> dict[str, torch.Tensor]:
-    """A trained student's weights, for ``model.init_from``.
+def student_state_dict(source: _PATH, key: str = "model.init_from") -> dict[str, torch.Tensor]:
+    """A trained student's weights, for ``model.init_from`` and ``evaluate checkpoint=``.
 
     Args:
         source: a run directory (its ``student/`` folder, else ``checkpoints/last.ckpt``), a
             Hugging Face folder (``save_pretrained``: ``<run dir>/student``), or a ``.ckpt``
             file of ``python train.py`` (read with ``weights_only=True``: no code runs).
+        key: the config key that named `source`, for the error messages.
 
     Returns:
         The student's state dict (the keys of the model ``model.student`` builds).
@@ -227,7 +228,7 @@ def student_state_dict(source: _PATH) -> dict[str, torch.Tensor]:
         return AutoModelForCausalLM.from_pretrained(path, dtype="auto").state_dict()
     if not path.is_file():
         raise ResumeError(
-            f"model.init_from={source}: nothing to start from there. Pass a training run's "
+            f"{key}={source}: nothing to load from there. Pass a training run's "
             f"directory (it holds {STUDENT_DIR}/ or checkpoints/last.ckpt), its {STUDENT_DIR}/ "
             "folder, or a .ckpt file."
         )
@@ -236,7 +237,7 @@ def student_state_dict(source: _PATH) -> dict[str, torch.Tensor]:
     weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not weights:
         raise ResumeError(
-            f"model.init_from={source}: {path} holds no student weights (no 'student.*' keys); "
+            f"{key}={source}: {path} holds no student weights (no 'student.*' keys); "
             "pass a checkpoint of `python train.py` (<run dir>/checkpoints/last.ckpt)."
         )
     return weights

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from lightning_caopd.callbacks import MetricsWriter
-from lightning_caopd.checkpointing import load_checkpoint_file
+from lightning_caopd.checkpointing import student_state_dict
 from lightning_caopd.errors import ConfigError, exit_with, user_message
 from lightning_caopd.module import StudentSystem
 from lightning_caopd.runner import (
@@ -135,28 +135,15 @@ def student_overrides(student: str | Path) -> list[str]:
 
 
 def load_student_weights(student: torch.nn.Module, checkpoint: str | Path) -> None:
-    """Load the student's weights from a training run's Lightning checkpoint.
+    """Load a trained student's weights: a run directory, its ``student/`` or a ``.ckpt``.
 
-    The file is read with ``weights_only=True``: a checkpoint carrying code is refused, not run.
-
-    Args:
-        student: a model of the checkpoint's architecture (built from the same model config).
-        checkpoint: a ``.ckpt`` file written by ``ModelCheckpoint``.
+    Checkpoints are read with ``weights_only=True``: one carrying code is refused, not run
+    (`lightning_caopd.checkpointing.student_state_dict`).
 
     Raises:
-        ResumeError: the file does not exist, is damaged, or holds more than plain values.
-        ValueError: the checkpoint holds no student weights.
+        ResumeError: nothing loadable there, a damaged or foreign file, or no student weights.
     """
-    path = Path(checkpoint)
-    state = load_checkpoint_file(path).get("state_dict", {})
-    prefix = "student."
-    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    if not weights:
-        raise ValueError(
-            f"{path} holds no student weights (no 'student.*' keys): pass a checkpoint of "
-            "`python train.py` (outputs/.../checkpoints/last.ckpt)."
-        )
-    student.load_state_dict(weights)
+    student.load_state_dict(student_state_dict(checkpoint, key="checkpoint"))
 
 
 def evaluate(cfg: DictConfig) -> dict:

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from lightning_caopd.errors import ResumeError
 from lightning_caopd.evaluate import (
     evaluate,
     load_student_weights,
@@ -61,7 +62,7 @@ def test_checkpoint_weights_replace_the_student(tiny_dir, tmp_path):
         torch.equal(a, b) for a, b in zip(student.parameters(), trained.parameters(), strict=True)
     )
     torch.save({"state_dict": {"teacher.x": torch.zeros(1)}}, tmp_path / "bad.ckpt")
-    with pytest.raises(ValueError, match="no student weights"):
+    with pytest.raises(ResumeError, match="checkpoint=.*no student weights"):
         load_student_weights(student, tmp_path / "bad.ckpt")
 
 
