@@ -181,6 +181,28 @@ class AdapterDisabledTeacher:
             self.model.train(was_training)
 
 
+def causal_lm(model: PreTrainedModel | AdapterDisabledTeacher) -> PreTrainedModel:
+    """The causal LM behind a teacher (the peft-wrapped student for `AdapterDisabledTeacher`)."""
+    return model.model if isinstance(model, AdapterDisabledTeacher) else model
+
+
+def run_body(model: PreTrainedModel | AdapterDisabledTeacher, **inputs):
+    """The model's decoder body (no LM head) on `inputs`; its output has ``last_hidden_state``.
+
+    An `AdapterDisabledTeacher` runs the peft student's body in eval mode with the adapter off,
+    as its ``__call__`` runs the whole model.
+    """
+    if not isinstance(model, AdapterDisabledTeacher):
+        return model.get_decoder()(**inputs)
+    peft, was_training = model.model, model.model.training
+    peft.eval()
+    try:
+        with peft.disable_adapter():
+            return peft.get_decoder()(**inputs)
+    finally:
+        peft.train(was_training)
+
+
 def is_lora(model: torch.nn.Module) -> bool:
     """Whether `model` carries a peft adapter."""
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")

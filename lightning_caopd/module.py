@@ -32,14 +32,14 @@ from lightning_caopd.divergence import (
 from lightning_caopd.engines import HFEngine, RolloutEngine
 from lightning_caopd.errors import ConfigError
 from lightning_caopd.metrics import CalibrationMetrics
-from lightning_caopd.models import AdapterDisabledTeacher, make_teacher
+from lightning_caopd.models import AdapterDisabledTeacher, causal_lm, make_teacher, run_body
 from lightning_caopd.rollout import (
     Rollouts,
     build_batch,
+    completion_hidden,
     completion_logits,
     encode_chats,
-    left_pad,
-    right_pad,
+    shared_prefix_hidden,
     shared_prefix_logits,
 )
 from lightning_caopd.scoring import evaluate_items
@@ -462,45 +462,14 @@ class DistillationModule(StudentSystem):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Last hidden states (B*K, T, H) predicting each completion token, and the mask.
 
-        The body alone (no LM head), otherwise as `completion_logits`: with
-        ``loss.share_prompt_prefix`` each prompt runs once and its cache serves its K completions.
+        The body alone (no LM head), otherwise as `completion_logits`.
         """
-        pad = self.tokenizer.pad_token_id
+        pad, body = self.tokenizer.pad_token_id, functools.partial(run_body, model)
+        if self.loss.share_prompt_prefix:
+            return shared_prefix_hidden(body, prompts, completions, pad, self.device)
         k = len(completions) // len(prompts)
-        if not self.loss.share_prompt_prefix:
-            rows = [p for p in prompts for _ in range(k)]
-            batch = build_batch(rows, completions, pad, self.device)
-            t = batch["completion_mask"].shape[1]
-            hidden = run_body(
-                model,
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"],
-                use_cache=False,
-            ).last_hidden_state  # (B*K, P + T, H)
-            return hidden[:, -t - 1 : -1], batch["completion_mask"]
-        p_ids, p_mask = left_pad(prompts, pad, self.device)
-        out = run_body(
-            model,
-            input_ids=p_ids,
-            attention_mask=p_mask,
-            position_ids=(p_mask.cumsum(1) - 1).clamp(min=0),
-            use_cache=True,
-        )
-        cache = out.cache
-        cache.batch_repeat_interleave(k)
-        first = out.last_hidden_state[:, -1:].repeat_interleave(k, dim=0)  # (B*K, 1, H)
-        c_ids, c_mask = right_pad(completions, pad, p_ids.device)
-        start = p_mask.sum(1).repeat_interleave(k)[:, None]  # (B*K, 1)
-        rest = run_body(
-            model,
-            input_ids=c_ids[:, :-1],
-            attention_mask=torch.cat([p_mask.repeat_interleave(k, dim=0), c_mask[:, :-1]], dim=1),
-            position_ids=start + torch.arange(c_ids.shape[1] - 1, device=p_ids.device)[None],
-            cache=cache,
-            use_cache=True,
-        ).last_hidden_state  # (B*K, T-1, H)
-        return torch.cat([first, rest], dim=1), c_mask.bool()
+        batch = build_batch([p for p in prompts for _ in range(k)], completions, pad, self.device)
+        return completion_hidden(body, batch), batch["completion_mask"]
 
     def log_step(
         self, batch, roll, correct, p_acc, loss, per_token, mask, teacher, n_cut, elapsed
@@ -528,28 +497,6 @@ class DistillationModule(StudentSystem):
         self.log("loss", loss.detach(), prog_bar=True, batch_size=len(batch), logger=False)
         self.log("p_acc", p_acc.mean(), prog_bar=True, batch_size=len(batch), logger=False)
         self.log("rollouts/s", n / elapsed, prog_bar=True, batch_size=len(batch), logger=False)
-
-
-def causal_lm(model: PreTrainedModel | AdapterDisabledTeacher) -> PreTrainedModel:
-    """The causal LM behind a teacher (the peft-wrapped student for `AdapterDisabledTeacher`)."""
-    return model.model if isinstance(model, AdapterDisabledTeacher) else model
-
-
-def run_body(model: PreTrainedModel | AdapterDisabledTeacher, **inputs):
-    """The model's decoder body (no LM head) on `inputs`; its output has ``last_hidden_state``.
-
-    An `AdapterDisabledTeacher` runs the peft student's body in eval mode with the adapter off,
-    as its ``__call__`` runs the whole model.
-    """
-    if not isinstance(model, AdapterDisabledTeacher):
-        return model.get_decoder()(**inputs)
-    peft, was_training = model.model, model.model.training
-    peft.eval()
-    try:
-        with peft.disable_adapter():
-            return peft.get_decoder()(**inputs)
-    finally:
-        peft.train(was_training)
 
 
 def check_loss_support(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -277,6 +278,21 @@ def completion_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) ->
     return out.logits[:, :-1]
 
 
+def completion_hidden(body: Callable, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Last hidden states (N, T, H) predicting each completion token.
+
+    `completion_logits` for a model's body without its head (`lightning_caopd.models.run_body`).
+    """
+    t = batch["completion_mask"].shape[1]
+    out = body(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    )
+    return out.last_hidden_state[:, -t - 1 : -1]
+
+
 def shared_prefix_logits(
     model: PreTrainedModel,
     prompts: list[list[int]],
@@ -301,26 +317,54 @@ def shared_prefix_logits(
     Returns:
         Logits (B*K, T, V) predicting each completion token, and the completion mask (B*K, T).
     """
+    return _shared_prefix(model, "logits", prompts, completions, pad_id, device, logits_to_keep=1)
+
+
+def shared_prefix_hidden(
+    body: Callable,
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    pad_id: int,
+    device=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`shared_prefix_logits` for a model's body without its head.
+
+    Returns the last hidden states (B*K, T, H) predicting each completion token, and the
+    completion mask (B*K, T).
+    """
+    return _shared_prefix(body, "last_hidden_state", prompts, completions, pad_id, device)
+
+
+def _shared_prefix(
+    forward: Callable, field: str, prompts, completions, pad_id, device, **first_kwargs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared-prefix forward behind `shared_prefix_logits` / `shared_prefix_hidden`.
+
+    `field` is the output read (``logits``, ``last_hidden_state``).
+    """
     k = len(completions) // len(prompts)
     p_ids, p_mask = left_pad(prompts, pad_id, device)
-    out = model(
+    out = forward(
         input_ids=p_ids,
         attention_mask=p_mask,
         position_ids=(p_mask.cumsum(1) - 1).clamp(min=0),
-        logits_to_keep=1,
         use_cache=True,
+        **first_kwargs,
     )
     cache = out.cache
     cache.batch_repeat_interleave(k)
-    first = out.logits[:, -1:].repeat_interleave(k, dim=0)  # (B*K, 1, V): predicts token 0
+    first = getattr(out, field)[:, -1:].repeat_interleave(k, dim=0)  # (B*K, 1, *): token 0
     c_ids, c_mask = right_pad(completions, pad_id, p_ids.device)
     width = c_ids.shape[1]
     start = p_mask.sum(1).repeat_interleave(k)[:, None]  # (B*K, 1): positions continue the prompt
-    rest = model(
-        input_ids=c_ids[:, :-1],
-        attention_mask=torch.cat([p_mask.repeat_interleave(k, dim=0), c_mask[:, :-1]], dim=1),
-        position_ids=start + torch.arange(width - 1, device=p_ids.device)[None],
-        cache=cache,
-        use_cache=True,
-    ).logits  # (B*K, T-1, V): predicts tokens 1..T-1
+    rest = getattr(
+        forward(
+            input_ids=c_ids[:, :-1],
+            attention_mask=torch.cat([p_mask.repeat_interleave(k, dim=0), c_mask[:, :-1]], dim=1),
+            position_ids=start + torch.arange(width - 1, device=p_ids.device)[None],
+            cache=cache,
+            use_cache=True,
+        ),
+        field,
+    )  # (B*K, T-1, *): predicts tokens 1..T-1
     return torch.cat([first, rest], dim=1), c_mask.bool()
