@@ -71,6 +71,11 @@ def _chain(err: BaseException | None):
         err = err.__cause__ or err.__context__
 
 
+def find_cause(err: BaseException, types: type | tuple[type, ...]) -> BaseException | None:
+    """The first exception of `types` among `err` and those it was raised from, or None."""
+    return next((e for e in _chain(err) if isinstance(e, types)), None)
+
+
 def storage_error(err: BaseException) -> str | None:
     """One paragraph for a failed write (full disk, read-only directory), or None for others.
 

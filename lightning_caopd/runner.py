@@ -29,7 +29,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_caopd.callbacks import MetricsWriter
 from lightning_caopd.checkpointing import keep_previous_logs
-from lightning_caopd.errors import ConfigError, ResumeError, RunDirError, out_of_range
+from lightning_caopd.errors import (
+    ConfigError,
+    ResumeError,
+    RunDirError,
+    find_cause,
+    out_of_range,
+)
 from lightning_caopd.loggers import finish_loggers
 
 log = logging.getLogger(__name__)
@@ -38,13 +44,6 @@ LOCK_NAME = ".run.lock"
 SUMMARY_KEYS = ("n", "accuracy", "ece", "brier", "format_rate")
 # eval.scoring: this project's confidence parser and ECE bins, or the reference scorer's
 SCORING = ("default", "reference")
-
-
-def _cause(err: InstantiationException) -> BaseException:
-    """The exception a Hydra instantiation wrapped (the target's own error)."""
-    while isinstance(err, InstantiationException) and err.__cause__ is not None:
-        err = err.__cause__
-    return err
 
 
 def check_config(cfg: DictConfig):
@@ -71,8 +70,8 @@ def check_config(cfg: DictConfig):
         try:
             instantiate(node)
         except InstantiationException as err:
-            cause = _cause(err)
-            if isinstance(cause, ValueError):
+            cause = find_cause(err, ValueError)  # the settings' own range check
+            if cause is not None:
                 raise ConfigError(str(cause)) from None
             raise
     eval_cfg = cfg.get("eval") or {}
@@ -84,8 +83,8 @@ def check_config(cfg: DictConfig):
     try:
         return build_datamodule(cfg)
     except InstantiationException as err:
-        cause = _cause(err)
-        if isinstance(cause, ConfigError):
+        cause = find_cause(err, ConfigError)
+        if cause is not None:
             raise cause from None
         raise
 
