@@ -28,11 +28,13 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+# the memory probes of loss_memory.py (this script's folder is on sys.path when it runs)
+from loss_memory import _available_bytes, _maxrss_bytes, _rss_bytes
 
 GIB = 1024**3
 MODES = ("full", "topk", "fused_topk")
@@ -41,23 +43,6 @@ MODES = ("full", "topk", "fused_topk")
 # scattered copies of the tail computation and their gradients.
 TEMPS = {"full": 8, "topk": 12}
 FUSED_CHUNK_TEMPS = 14
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def _available_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("MemAvailable not found in /proc/meminfo")
 
 
 def _loss_fn(args: argparse.Namespace, mode: str):
