@@ -9,6 +9,8 @@
 * `RolloutEntropy`, `RolloutTable`, `PAccHistogram`: what the loggers get from each step
   besides the module's scalars.
 * `ReliabilityImage`: each evaluation's diagram as an image for W&B and TensorBoard.
+* `TeacherSuccess`: every N steps, how often the teacher itself succeeds on the step's
+  privileged prompts (the paper's optimism bias, during training).
 
 The modules publish what callbacks read: a training step returns its rollouts beside the loss
 (``outputs``), an evaluation leaves its result in ``pl_module.evaluation``.
@@ -394,3 +396,95 @@ class ReliabilityImage(Callback):
             result["reliability"], result["ece"], f"step {trainer.global_step}"
         )
         log_image(trainer.loggers, "val/reliability", image, trainer.global_step)
+
+
+class TeacherSuccess(Callback):
+    """The teacher's own success on the step's privileged prompts, every `every_n_steps` steps.
+
+    The paper's optimism bias (arXiv 2604.16830) during training: on the teacher prompts the
+    step trained on (with CaOPD's rewritten contexts), the teacher samples with the step's
+    rollout settings (`DistillationModule.sample_teacher`: K per group prompt, one per
+    per-rollout prompt), the task verifies the samples, and the callback logs
+    ``train/teacher_success`` (share correct), ``train/teacher_optimism_gap`` (that minus the
+    step's mean student P_acc) and ``train/teacher_format_rate`` (share stating a confidence).
+    Rollouts without a context (``sdpo_sibling`` with no successful sibling) are left out. The
+    sampling saves and restores every random generator, so the student's later rollouts are
+    those of a run without this callback. Written to the loggers (rank 0's batch, as the other
+    ``train/`` scalars) at the step the rollouts belong to, as ``train/loss``. With `TeacherEMA`
+    listed first (as in ``conf/callbacks/``) the teacher sampled is the one after the step's
+    EMA update.
+
+    Args:
+        every_n_steps: optimizer steps between measurements (steps 0, N, 2N, ...).
+    """
+
+    def __init__(self, every_n_steps: int = 50) -> None:
+        if (
+            isinstance(every_n_steps, bool)
+            or not isinstance(every_n_steps, int)
+            or every_n_steps < 1
+        ):
+            raise ValueError(
+                "callbacks.teacher_success.every_n_steps must be an integer >= 1 (or set "
+                f"callbacks.teacher_success=null to turn it off); got {every_n_steps!r}."
+            )
+        self.every_n_steps = every_n_steps
+        self._step = 0
+        self._last_step = -1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: D102
+        self._step = trainer.global_step  # the step the rollouts belong to
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
+        step = self._step
+        if not isinstance(outputs, dict) or "teacher_prompts" not in outputs:
+            return  # not a distillation step
+        if step % self.every_n_steps or step == self._last_step:
+            return  # off the schedule, or a later micro-batch of the same optimizer step
+        self._last_step = step
+        roll = pl_module.sample_teacher(outputs["teacher_prompts"])
+        correct, _ = pl_module.verify(outputs["items"], roll.texts)
+        stats = teacher_success_stats(
+            correct, roll.texts, outputs["teacher_rows"], outputs["p_acc"]
+        )
+        for lg in trainer.loggers if stats else ():
+            # straight to the loggers: a value given to `self.log` would be repeated at every
+            # later step of the epoch, where nothing was measured
+            lg.log_metrics(stats, step=step)
+
+
+def teacher_success_stats(
+    correct: torch.Tensor, texts: list[str], rows: torch.Tensor, p_acc: torch.Tensor
+) -> dict[str, float]:
+    """`TeacherSuccess`'s scalars from the teacher's B*K verified samples.
+
+    Args:
+        correct: (B*K,) verdicts of the teacher's samples, prompt-major.
+        texts: their B*K texts.
+        rows: (B*K,) bool, the samples drawn from a privileged prompt (the step's loss rows).
+        p_acc: (B,) the student's P_acc on the step.
+
+    Returns:
+        ``train/teacher_success``, ``train/teacher_optimism_gap`` and
+        ``train/teacher_format_rate``; empty when no sample had a privileged prompt.
+
+    Example:
+        >>> teacher_success_stats(
+        ...     torch.tensor([True, True, False, True]),
+        ...     ["Answer: a\\nConfidence: 1.00", "Answer: a", "Answer: b", "Answer: c"],
+        ...     torch.tensor([True, True, True, False]),
+        ...     torch.tensor([0.5, 0.0]),
+        ... )  # doctest: +NORMALIZE_WHITESPACE +ELLIPSIS
+        {'train/teacher_success': 0.666..., 'train/teacher_optimism_gap': 0.416...,
+         'train/teacher_format_rate': 0.333...}
+    """
+    rows = rows.cpu()
+    if not rows.any():
+        return {}
+    formatted = torch.tensor([parse_confidence(t) is not None for t in texts])
+    success = correct.cpu()[rows].float().mean().item()
+    return {
+        "train/teacher_success": success,
+        "train/teacher_optimism_gap": success - p_acc.float().mean().item(),
+        "train/teacher_format_rate": formatted[rows].float().mean().item(),
+    }

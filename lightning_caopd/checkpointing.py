@@ -23,10 +23,11 @@ here:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -263,3 +264,17 @@ class ModelCheckpoint(_LightningModelCheckpoint):
         if self.save_last and self.dirpath and self._saved_step != trainer.global_step:
             name = self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION
             trainer.save_checkpoint(os.path.join(self.dirpath, name), self.save_weights_only)
+
+
+@contextlib.contextmanager
+def untouched_rng() -> Iterator[None]:
+    """Every random generator (`rng_states`: Python, NumPy, torch, CUDA) as it was, after.
+
+    For a diagnostic that samples (the teacher's rollouts) inside a run: the run's later draws
+    are those of a run without it.
+    """
+    states = rng_states()
+    try:
+        yield
+    finally:
+        set_rng_states(states)

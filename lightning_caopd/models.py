@@ -7,8 +7,10 @@ character-level `PreTrainedTokenizerFast` and a chat template, so the code path 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -179,6 +181,25 @@ class AdapterDisabledTeacher:
                 return self.model(*args, **kwargs)
         finally:
             self.model.train(was_training)
+
+
+@contextlib.contextmanager
+def plain_teacher(teacher: PreTrainedModel | AdapterDisabledTeacher) -> Iterator[PreTrainedModel]:
+    """The teacher as a causal LM that sampling and evaluation code can run for a block.
+
+    An `AdapterDisabledTeacher` is the peft student with its adapter disabled, in eval mode, for
+    the block (as its ``__call__`` does for one forward); any other teacher is yielded as it is.
+    """
+    if not isinstance(teacher, AdapterDisabledTeacher):
+        yield teacher
+        return
+    model, was_training = teacher.model, teacher.model.training
+    model.eval()
+    try:
+        with model.disable_adapter():
+            yield model
+    finally:
+        model.train(was_training)
 
 
 def causal_lm(model: PreTrainedModel | AdapterDisabledTeacher) -> PreTrainedModel:

@@ -3,12 +3,16 @@
 `DistillationModule.training_step` is the paper's algorithm box, one call per line; what
 happens around the step (teacher EMA, the non-finite guard, rollout tables, entropies,
 reliability diagrams, ``metrics.json``) is in `lightning_caopd.callbacks`.
+
+The teacher side of the paper's diagnosis: the evaluation also scores the teacher with the
+privileged context (``metrics.json``'s ``teacher_conditioned`` block, ``eval.teacher_conditioned``)
+and `DistillationModule.sample_teacher` serves the `lightning_caopd.callbacks.TeacherSuccess`
+callback.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import time
 import warnings
 from collections.abc import Callable
@@ -16,11 +20,10 @@ from dataclasses import asdict, dataclass
 
 import lightning as L
 import torch
-from torchmetrics import MeanMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_caopd.calibration import ConfidenceTargets, empirical_accuracy, p_acc_stats
-from lightning_caopd.checkpointing import RNG_KEY, rng_states, set_rng_states
+from lightning_caopd.checkpointing import RNG_KEY, rng_states, set_rng_states, untouched_rng
 from lightning_caopd.confidence import parse_confidence
 from lightning_caopd.divergence import (
     OutputHead,
@@ -31,23 +34,34 @@ from lightning_caopd.divergence import (
 )
 from lightning_caopd.engines import HFEngine, RolloutEngine
 from lightning_caopd.errors import ConfigError
-from lightning_caopd.metrics import CalibrationMetrics
-from lightning_caopd.models import AdapterDisabledTeacher, causal_lm, make_teacher, run_body
+from lightning_caopd.models import (
+    AdapterDisabledTeacher,
+    causal_lm,
+    make_teacher,
+    plain_teacher,
+    run_body,
+)
 from lightning_caopd.rollout import (
     Rollouts,
     build_batch,
     completion_hidden,
     completion_logits,
     encode_chats,
+    sample,
     shared_prefix_hidden,
     shared_prefix_logits,
 )
-from lightning_caopd.scoring import evaluate_items
+from lightning_caopd.scoring import EvalBatch, EvalScores, evaluate_items, teacher_conditioned
 from lightning_caopd.settings import LossSettings, RolloutSettings
 from lightning_caopd.tasks.base import Task
 from lightning_caopd.templates import TeacherTemplate
 
-EVAL_DEFAULTS = {"max_new_tokens": 32, "do_sample": False, "temperature": 1.0}
+EVAL_DEFAULTS = {
+    "max_new_tokens": 32,
+    "do_sample": False,
+    "temperature": 1.0,
+    "teacher_conditioned": True,
+}
 FUSED_CHUNK_SIZE = 256  # positions per chunk of the fused divergence when loss.chunk_size is null
 
 
@@ -73,8 +87,8 @@ class StudentSystem(L.LightningModule):
 
     The evaluation (greedy, no privileged context) runs in Lightning's validation loop; its
     result, synced across ranks, is left in ``self.evaluation`` (a dict: the keys of
-    ``metrics.json``) and its scored completions in ``self.evaluation_records``, for the
-    callbacks that write and log them.
+    ``metrics.json``, with ``n_parameters``, the student's parameter count) and its scored
+    completions in ``self.evaluation_records``, for the callbacks that write and log them.
 
     Args:
         student: the model trained and scored.
@@ -83,8 +97,9 @@ class StudentSystem(L.LightningModule):
         optimizer: a partial optimizer over the student's parameters (None: no training).
         scheduler: an optional partial LR scheduler over the optimizer (stepped per step).
         eval: generation options of the evaluation (``max_new_tokens``, ``do_sample``,
-            ``temperature``, ``max_prompt_length``) and ``scoring``: ``default`` or
-            ``reference`` (the released CaOPD scorer's confidence parsing and ECE bins).
+            ``temperature``, ``max_prompt_length``), ``scoring``: ``default`` or
+            ``reference`` (the released CaOPD scorer's confidence parsing and ECE bins), and
+            ``teacher_conditioned`` (`DistillationModule` only: also score the teacher).
         chat_template_kwargs: keyword arguments of every chat-template call (student,
             teacher, evaluation), from ``model.chat_template_kwargs``.
     """
@@ -106,13 +121,9 @@ class StudentSystem(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.eval_cfg = {**EVAL_DEFAULTS, **(eval or {})}
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
-        scoring = self.eval_cfg.get("scoring", "default")
-        self.val_metrics = CalibrationMetrics(
-            categories=list(task.categories),
-            binning="reference" if scoring == "reference" else "uniform",
-        )
-        self.val_answer_entropy = MeanMetric()
-        self.val_confidence_entropy = MeanMetric()
+        self.val_scores = EvalScores(list(task.categories), self.eval_cfg.get("scoring", "default"))
+        # counted before any strategy shards the weights; with LoRA, base and adapter together
+        self.n_parameters = sum(p.numel() for p in student.parameters())
         self.evaluation: dict | None = None
         self.evaluation_records: list[dict] = []
 
@@ -145,41 +156,33 @@ class StudentSystem(L.LightningModule):
     def on_validation_epoch_start(self) -> None:  # noqa: D102
         self.evaluation_records = []
 
-    def validation_step(self, batch: list[dict], batch_idx: int) -> None:  # noqa: D102
-        out = evaluate_items(
-            self.student,
+    def score(
+        self, model: PreTrainedModel, items: list[dict], chats: list[list[dict]] | None = None
+    ) -> EvalBatch:
+        """`evaluate_items` with the ``eval`` options: the student's prompts, or `chats`."""
+        return evaluate_items(
+            model,
             self.tokenizer,
             self.task,
-            batch,
+            items,
             max_new_tokens=self.eval_cfg["max_new_tokens"],
             max_prompt_length=self.eval_cfg.get("max_prompt_length"),
             do_sample=self.eval_cfg["do_sample"],
             temperature=self.eval_cfg["temperature"],
             scoring=self.eval_cfg.get("scoring", "default"),
             chat_template_kwargs=self.chat_template_kwargs,
+            chats=chats,
         )
-        dev = self.device
-        self.val_metrics.update(out.confidence.to(dev), out.correct.to(dev), out.category.to(dev))
-        # token-weighted means: value is the mean entropy of the batch, weight its token count
-        for metric, (s, n) in (
-            (self.val_answer_entropy, out.answer_entropy),
-            (self.val_confidence_entropy, out.confidence_entropy),
-        ):
-            if n:
-                metric.update(torch.tensor(s / n, device=dev), n)
+
+    def validation_step(self, batch: list[dict], batch_idx: int) -> None:  # noqa: D102
+        out = self.score(self.student, batch)
+        self.val_scores.update(out)
         self.evaluation_records.extend(out.records)
 
     def on_validation_epoch_end(self) -> None:  # noqa: D102
-        result = self.val_metrics.compute()
-        for name, metric in (
-            ("answer_entropy", self.val_answer_entropy),
-            ("confidence_entropy", self.val_confidence_entropy),
-        ):
-            value = metric.compute().item() if metric.update_count else float("nan")
-            result[name] = None if math.isnan(value) else value
-            metric.reset()
-        result["reliability"] = self.val_metrics.reliability_bins()  # every rank: gathered
-        self.val_metrics.reset()
+        result = self.val_scores.compute()
+        result["reliability"] = self.val_scores.calibration.reliability_bins()  # every rank
+        self.val_scores.reset()
         self.evaluation = result
         scalars = {f"val/{k}": float(v) for k, v in result.items() if isinstance(v, int | float)}
         for cat, vals in result["by_category"].items():
@@ -191,6 +194,7 @@ class StudentSystem(L.LightningModule):
                 }
             )
         self.log_dict(scalars, sync_dist=False)  # already synced by the metrics
+        result["n_parameters"] = self.n_parameters  # metrics.json only: no curve to draw
 
 
 class DistillationModule(StudentSystem):
@@ -212,7 +216,9 @@ class DistillationModule(StudentSystem):
         engine: what samples the rollouts (`lightning_caopd.engines`); None is `HFEngine`,
             the student's own batched decoding. ``sync_weights`` is called before the first
             rollouts of every optimizer step.
-        eval: evaluation options (see `StudentSystem`).
+        eval: evaluation options (see `StudentSystem`); with ``teacher_conditioned`` (the
+            default) every evaluation also scores the teacher with the privileged context
+            (`evaluate_teacher`): ``metrics.json``'s ``teacher_conditioned`` block.
         name: the method's name in logs and metrics.json.
         chat_template_kwargs: see `StudentSystem`.
     """
@@ -253,6 +259,10 @@ class DistillationModule(StudentSystem):
         self.engine = engine if engine is not None else HFEngine()
         self.engine.attach(tokenizer)
         self._engine_step = -1  # the optimizer step the engine's weights are from
+        switch = self.eval_cfg["teacher_conditioned"]
+        if not isinstance(switch, bool):
+            raise ConfigError(f"eval.teacher_conditioned={switch!r} must be true or false.")
+        self.teacher_scores = EvalScores(scoring=self.eval_cfg.get("scoring", "default"))
 
     def on_fit_start(self) -> None:  # noqa: D102
         # The frozen teacher sits in eval mode on purpose, and Lightning warns about every module
@@ -298,6 +308,9 @@ class DistillationModule(StudentSystem):
             "completions": completions,
             # (B*K, T, V); None with loss.fused (no such tensor exists; RolloutEntropy skips)
             "logits": None if student_logits is None else student_logits.detach(),
+            # the contexts the step trained on (CaOPD's rewritten ones), for TeacherSuccess
+            "teacher_prompts": teacher.prompts,
+            "teacher_rows": teacher.rows,
         }
 
     def student_prompts(self, batch: list[dict]) -> tuple[list[dict], list[list[int]], int]:
@@ -470,6 +483,66 @@ class DistillationModule(StudentSystem):
         k = len(completions) // len(prompts)
         batch = build_batch([p for p in prompts for _ in range(k)], completions, pad, self.device)
         return completion_hidden(body, batch), batch["completion_mask"]
+
+    def validation_step(self, batch: list[dict], batch_idx: int) -> None:  # noqa: D102
+        super().validation_step(batch, batch_idx)
+        if self.eval_cfg["teacher_conditioned"]:
+            self.teacher_scores.update(self.evaluate_teacher(batch))
+
+    def on_validation_epoch_end(self) -> None:  # noqa: D102
+        super().on_validation_epoch_end()
+        if not self.eval_cfg["teacher_conditioned"]:
+            return
+        block = teacher_conditioned(self.teacher_scores.compute(), self.evaluation)
+        self.teacher_scores.reset()
+        self.evaluation["teacher_conditioned"] = block
+        self.log_dict(
+            {f"val/teacher_conditioned/{k}": float(v) for k, v in block.items() if v is not None},
+            sync_dist=False,  # already synced by the metrics
+        )
+
+    def teacher_chat(self, item: dict) -> list[dict]:
+        """The teacher's messages for `item` at evaluation: the student's, with the demonstration.
+
+        OPD's teacher-conditioned target: the demonstration with the template's confidence line
+        whatever ``template.source`` (no rollouts to draw a solution or sibling from), and no
+        CaOPD note or replacement.
+        """
+        return self.template.messages(
+            self.task.student_messages(item), self.template.demonstration(item)
+        )
+
+    def evaluate_teacher(self, items: list[dict]) -> EvalBatch:
+        """The teacher's answers to `items` with the privileged context (`teacher_chat`).
+
+        Scored as the student's (`StudentSystem.score`, greedy by default) on the same items;
+        every random generator is left as it was, so training does not see it.
+        """
+        chats = [self.teacher_chat(it) for it in items]
+        with untouched_rng(), plain_teacher(self.teacher) as model:
+            return self.score(model, items, chats)
+
+    def sample_teacher(self, prompts: list[list[int]]) -> Rollouts:
+        """The teacher's own rollouts on a step's teacher prompts, with its rollout settings.
+
+        K per prompt when there is one prompt per group (B prompts), one per prompt when there
+        is one per rollout (B*K, ``sdpo_sibling``): B*K rows, prompt-major, as the student's.
+        Sampled from the teacher itself (no engine) under ``no_grad``, with every random
+        generator saved and restored, so the run's later draws are those of a run without it.
+        """
+        r = self.rollout
+        k = 1 if self.template.per_rollout else r.num_rollouts
+        with untouched_rng(), plain_teacher(self.teacher) as model:
+            return sample(
+                model,
+                self.tokenizer,
+                prompts,
+                k,
+                r.max_new_tokens,
+                r.temperature,
+                r.top_p,
+                use_generate=getattr(self.engine, "use_generate", False),
+            )
 
     def log_step(
         self, batch, roll, correct, p_acc, loss, per_token, mask, teacher, n_cut, elapsed

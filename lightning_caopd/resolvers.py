@@ -28,7 +28,18 @@ def held_out_or_all(path, eval_path, held_out: int) -> int | None:
     return None
 
 
+def mul(a, b) -> int | float:
+    """``${caopd.mul:${size},2}``: a product in a config (a model width from the sweep's size).
+
+    Examples:
+        >>> mul(64, 2)
+        128
+    """
+    return a * b
+
+
 def register() -> None:
-    """Register the resolvers once (``caopd.held_out_or_all``)."""
-    if not OmegaConf.has_resolver("caopd.held_out_or_all"):
-        OmegaConf.register_new_resolver("caopd.held_out_or_all", held_out_or_all)
+    """Register the resolvers once (``caopd.held_out_or_all``, ``caopd.mul``)."""
+    for name, fn in (("caopd.held_out_or_all", held_out_or_all), ("caopd.mul", mul)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)

@@ -1,18 +1,24 @@
 """Scoring a model on held-out items: answers, confidences and token entropies.
 
-Greedy and without privileged context; the LightningModules' validation step calls
-`evaluate_items`.
+Greedy and, for the student, without privileged context; the LightningModules' validation step
+calls `evaluate_items` and accumulates its batches in `EvalScores`. `teacher_conditioned` sets
+the teacher's scores with the privileged context beside the student's (the paper's optimism bias
+and entropy collapse of the teacher-conditioned target).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
+from torchmetrics import MeanMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_caopd.confidence import PARSERS, answer_confidence_tokens
+from lightning_caopd.metrics import CalibrationMetrics
 from lightning_caopd.rollout import build_batch, completion_logits, encode_chats, sample
 from lightning_caopd.tasks.base import Task
 
@@ -75,10 +81,13 @@ def evaluate_items(
     temperature: float = 1.0,
     scoring: str = "default",
     chat_template_kwargs: dict | None = None,
+    chats: list[list[dict]] | None = None,
 ) -> EvalBatch:
-    """Answer `items` without privileged context and score every answer and confidence.
+    """Answer `items` and score every answer and confidence.
 
-    A prompt longer than `max_prompt_length` tokens loses its left end; how many did is logged.
+    The model sees each item's student prompt (no privileged context) unless `chats` gives
+    other messages, one chat per item (the teacher's, with the context). A prompt longer than
+    `max_prompt_length` tokens loses its left end; how many did is logged.
     `scoring` picks the confidence parser (`lightning_caopd.confidence.PARSERS`): ``default``
     or ``reference`` (the released CaOPD scorer's rules; its confidences are kept in float64,
     as the reference's numpy arrays are, so its bins see the same values).
@@ -86,7 +95,7 @@ def evaluate_items(
     """
     prompts, n_cut = encode_chats(
         tokenizer,
-        [task.student_messages(it) for it in items],
+        [task.student_messages(it) for it in items] if chats is None else chats,
         max_prompt_length,
         chat_template_kwargs=chat_template_kwargs,
     )
@@ -131,3 +140,108 @@ def evaluate_items(
             }
         )
     return EvalBatch(conf, correct, category, (a_sum, int(a_n)), (c_sum, int(c_n)), records)
+
+
+class EvalScores(nn.Module):
+    """An evaluation's running scores: `CalibrationMetrics` and the token-weighted entropies.
+
+    Every state is a torchmetrics state, so `compute` gives each rank the scores of all ranks'
+    items; all ranks must call it together.
+
+    Args:
+        categories: the task's categories (``by_category``); empty for none.
+        scoring: ``default`` or ``reference`` (the ECE's bins, as `evaluate_items`'s parser).
+    """
+
+    def __init__(self, categories: list[str] | None = None, scoring: str = "default") -> None:
+        super().__init__()
+        self.calibration = CalibrationMetrics(
+            categories=list(categories or []),
+            binning="reference" if scoring == "reference" else "uniform",
+        )
+        self.answer_entropy = MeanMetric()
+        self.confidence_entropy = MeanMetric()
+
+    def update(self, out: EvalBatch) -> None:
+        """Add one `evaluate_items` batch."""
+        dev = self.answer_entropy.device
+        category = out.category.to(dev) if self.calibration.categories else None
+        self.calibration.update(out.confidence.to(dev), out.correct.to(dev), category)
+        # token-weighted means: value is the mean entropy of the batch, weight its token count
+        for metric, (s, n) in (
+            (self.answer_entropy, out.answer_entropy),
+            (self.confidence_entropy, out.confidence_entropy),
+        ):
+            if n:
+                metric.update(torch.tensor(s / n, device=dev), n)
+
+    def compute(self) -> dict:
+        """`CalibrationMetrics.compute` with ``answer_entropy`` and ``confidence_entropy``.
+
+        An entropy is None when no item had such tokens.
+        """
+        result = self.calibration.compute()
+        for name, metric in (
+            ("answer_entropy", self.answer_entropy),
+            ("confidence_entropy", self.confidence_entropy),
+        ):
+            value = metric.compute().item() if metric.update_count else float("nan")
+            result[name] = None if math.isnan(value) else value
+        return result
+
+    def reset(self) -> None:
+        """Forget all batches."""
+        for metric in (self.calibration, self.answer_entropy, self.confidence_entropy):
+            metric.reset()
+
+
+# the teacher's own scores kept in metrics.json's `teacher_conditioned` block
+TEACHER_KEYS = (
+    "n",
+    "accuracy",
+    "format_rate",
+    "mean_confidence",
+    "confidence_entropy",
+    "answer_entropy",
+)
+
+
+def teacher_conditioned(teacher: dict, student: dict) -> dict:
+    """The ``teacher_conditioned`` block of ``metrics.json``: the teacher beside the student.
+
+    The teacher answers the held-out items with the privileged context, the student without
+    (arXiv 2604.16830): ``optimism_gap`` = teacher accuracy - student accuracy (positive: the
+    context lifts the teacher above what the student can reach without it) and
+    ``entropy_gap`` = teacher confidence entropy - student confidence entropy (negative: the
+    teacher is the more certain, the entropy collapse). A gap is None where an input is.
+
+    Args:
+        teacher: `EvalScores.compute` of the teacher's evaluation.
+        student: that of the student's, on the same items.
+
+    Returns:
+        `TEACHER_KEYS` of the teacher, ``student_accuracy``, ``student_confidence_entropy``,
+        ``optimism_gap`` and ``entropy_gap``.
+
+    Example:
+        >>> block = teacher_conditioned(
+        ...     {"n": 4, "accuracy": 1.0, "format_rate": 1.0, "mean_confidence": 1.0,
+        ...      "confidence_entropy": 0.25, "answer_entropy": 0.5},
+        ...     {"accuracy": 0.75, "confidence_entropy": None},
+        ... )
+        >>> block["optimism_gap"], block["entropy_gap"]
+        (0.25, None)
+    """
+    block = {k: teacher[k] for k in TEACHER_KEYS}
+    block["student_accuracy"] = student["accuracy"]
+    block["student_confidence_entropy"] = student["confidence_entropy"]
+    block["optimism_gap"] = _difference(block["accuracy"], block["student_accuracy"])
+    block["entropy_gap"] = _difference(
+        block["confidence_entropy"], block["student_confidence_entropy"]
+    )
+    return block
+
+
+def _difference(a: float | None, b: float | None) -> float | None:
+    """The difference a - b, or None when either is None."""
+    return None if a is None or b is None else a - b

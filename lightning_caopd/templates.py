@@ -109,6 +109,14 @@ class TeacherTemplate:
             out.append(None if sibling_text is None else self._stated(sibling_text))
         return out, False
 
+    def demonstration(self, item: dict) -> str:
+        """The item's demonstration as a context, with the template's confidence line.
+
+        What ``demo`` gives every group, and what the other sources fall back to; the
+        teacher-conditioned evaluation shows it to the teacher whatever the source.
+        """
+        return self._stated(item["demo"])
+
     def _stated(self, solution: str) -> str:
         """A solution with the template's confidence line (as written when there is none)."""
         if self.confidence_line is None:

@@ -40,11 +40,13 @@ def warmup_examples(
     caopd: CaOPD,
     world_seed: int = 0,
     teacher_share: float = 0.5,
+    confidence_steps: int = 100,
 ) -> list[tuple[list[dict], str]]:
     """(chat, target completion) pairs for the warm-up.
 
     A `teacher_share` of them carry a reference solution with a stated confidence (1.00 in a
-    third of them, else uniform on a 0.01 grid), and half of those the CaOPD note too; the
+    third of them, else uniform on the grid 0, 1/`confidence_steps`, ..., 1: 0.01 by default,
+    1/K to teach exactly the values P_acc takes), and half of those the CaOPD note too; the
     target copies the reference's answer and confidence. The rest are plain student prompts
     whose target is the true answer (for ``prev``, only on the warm-up half of the letters) with a
     noisy family-level confidence.
@@ -56,7 +58,8 @@ def warmup_examples(
             break
         student = task.student_messages(item)
         if rng.random() < teacher_share:
-            c = 1.0 if rng.random() < 1 / 3 else rng.randrange(101) / 100
+            sure = rng.random() < 1 / 3
+            c = 1.0 if sure else rng.randrange(confidence_steps + 1) / confidence_steps
             line = f"Confidence: {c:.2f}"
             note = caopd.note.format(p_acc=c) if rng.random() < 0.5 else ""
             chat = template.messages(student, with_confidence(item["demo"], line), note)
@@ -106,10 +109,13 @@ def build_dataset(
     world_seed: int,
     confidence_instruction: str,
     instruction_role: str = "system",
+    confidence_steps: int = 100,
 ) -> SFTDataset:
     """The warm-up's tokenized examples, for the character tokenizer and default templates."""
     task = ToyTask(confidence_instruction, instruction_role)
-    examples = warmup_examples(n, seed, task, TeacherTemplate(), CaOPD(), world_seed)
+    examples = warmup_examples(
+        n, seed, task, TeacherTemplate(), CaOPD(), world_seed, confidence_steps=confidence_steps
+    )
     return SFTDataset(examples, build_char_tokenizer())
 
 

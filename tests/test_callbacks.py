@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import doctest
 import json
 import math
 from pathlib import Path
@@ -10,7 +12,8 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_caopd.callbacks import RolloutTable, ema_update, rollout_entropies
+from lightning_caopd import callbacks
+from lightning_caopd.callbacks import RolloutTable, TeacherSuccess, ema_update, rollout_entropies
 from lightning_caopd.errors import NonFiniteError
 from lightning_caopd.models import build_char_tokenizer
 from lightning_caopd.runner import run
@@ -161,3 +164,50 @@ def test_best_checkpoint_by_a_validation_metric(toy_base, tiny_overrides, make_c
     assert Path(best["best_model_path"]).name == f"best-step{step}.ckpt"
     saved = torch.load(best["best_model_path"], map_location="cpu", weights_only=False)
     assert saved["global_step"] == step and "rng_states" in saved
+
+
+def test_doctests():
+    result = doctest.testmod(callbacks)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def _by_step(run_dir: Path, key: str) -> dict[int, float]:
+    """The CSV log's values of `key` by step."""
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return {int(r["step"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
+
+
+def test_teacher_success_logs_every_n_steps_and_leaves_the_student_rollouts_alone(
+    toy_base, tiny_overrides, make_cfg, tmp_path
+):
+    overrides = [
+        "experiment=caopd",
+        f"model.path={toy_base}",
+        *tiny_overrides,
+        "trainer.max_steps=3",
+        "trainer.log_every_n_steps=1",
+        "eval.teacher_conditioned=false",
+    ]
+    on = [
+        "+callbacks.teacher_success._target_=lightning_caopd.callbacks.TeacherSuccess",
+        "+callbacks.teacher_success.every_n_steps=2",
+    ]
+    run(make_cfg([*overrides, *on], tmp_path / "on"))
+    run(make_cfg(overrides, tmp_path / "off"))
+    success = _by_step(tmp_path / "on", "train/teacher_success")
+    assert list(success) == [0, 2]  # once per N steps, from the first, not repeated in between
+    assert list(_by_step(tmp_path / "on", "train/teacher_format_rate")) == [0, 2]
+    p_acc = _by_step(tmp_path / "on", "train/p_acc_mean")
+    for step, gap in _by_step(tmp_path / "on", "train/teacher_optimism_gap").items():
+        assert 0 <= success[step] <= 1 and gap == pytest.approx(success[step] - p_acc[step])
+    # the teacher's draws left the random state alone: the student sampled the same rollouts
+    for key in ("train/loss", "train/rollout_accuracy", "train/format_rate"):
+        assert logged(tmp_path / "on", key) == logged(tmp_path / "off", key)
+    assert len(logged(tmp_path / "on", "train/loss")) == 3
+    on_result = json.loads((tmp_path / "on" / "metrics.json").read_text())
+    assert on_result == json.loads((tmp_path / "off" / "metrics.json").read_text())
+
+
+def test_teacher_success_rejects_bad_options():
+    with pytest.raises(ValueError, match="every_n_steps must be an integer >= 1"):
+        TeacherSuccess(every_n_steps=0)

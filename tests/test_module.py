@@ -304,3 +304,134 @@ def test_sdpo_row_loss_equals_the_demo_path_when_the_sibling_states_the_demo():
         per_token.append(module.divergence(prompts, teacher.prompts, roll.completions)[1])
     assert per_token[0].sum() > 0
     torch.testing.assert_close(per_token[0], per_token[1], atol=1e-5, rtol=1e-5)
+
+
+# --- the teacher side: eval.teacher_conditioned and the teacher's own samples ---------------
+
+TEACHER_BLOCK = {
+    "n",
+    "accuracy",
+    "format_rate",
+    "mean_confidence",
+    "confidence_entropy",
+    "answer_entropy",
+    "student_accuracy",
+    "student_confidence_entropy",
+    "optimism_gap",
+    "entropy_gap",
+}
+
+
+def _gap(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else pytest.approx(a - b)
+
+
+def test_teacher_conditioned_block_leaves_training_and_student_scores_alone(
+    toy_base, tiny_overrides, make_cfg, tmp_path
+):
+    written = {}
+    for switch in ("true", "false"):
+        out = tmp_path / switch
+        overrides = [
+            "experiment=caopd",
+            f"model.path={toy_base}",
+            *tiny_overrides,
+            f"eval.teacher_conditioned={switch}",
+        ]
+        run(make_cfg(overrides, out))
+        written[switch] = json.loads((out / "metrics.json").read_text())
+    on, off = written["true"], written["false"]
+    for result in (on, on["initial"]):
+        block = result["teacher_conditioned"]
+        assert set(block) == TEACHER_BLOCK and block["n"] == result["n"] == 24
+        assert block["student_accuracy"] == result["accuracy"]
+        assert block["student_confidence_entropy"] == result["confidence_entropy"]
+        assert block["optimism_gap"] == _gap(block["accuracy"], result["accuracy"])
+        assert block["entropy_gap"] == _gap(
+            block["confidence_entropy"], result["confidence_entropy"]
+        )
+    assert "teacher_conditioned" not in off and "teacher_conditioned" not in off["initial"]
+    # the switch adds a block and nothing else: the same training, the same student scores
+    on.pop("teacher_conditioned"), on["initial"].pop("teacher_conditioned")
+    assert on == off
+    assert logged(tmp_path / "true", "train/loss") == logged(tmp_path / "false", "train/loss")
+    assert logged(tmp_path / "true", "val/teacher_conditioned/n") == [24.0, 24.0]
+    assert logged(tmp_path / "false", "val/teacher_conditioned/n") == []
+    from lightning_caopd.models import load_pretrained
+
+    n = sum(p.numel() for p in load_pretrained(str(toy_base)).parameters())
+    assert on["n_parameters"] == on["initial"]["n_parameters"] == n
+
+
+@pytest.mark.parametrize("source", ["demo", "correct_solution", "sdpo_sibling"])
+def test_teacher_is_evaluated_on_the_demonstration_without_caopd_note(source):
+    module = _module()
+    module.template = TeacherTemplate(source=source, user_format=SDPO_FORMAT)
+    module.targets = CaOPD()  # OPD's target at evaluation: no note, no replaced confidence
+    items = make_items(3, 0, "eval", 0)
+    module.eval()
+    teacher, student = module.evaluate_teacher(items), module.score(module.student, items)
+    for item, t, s in zip(items, teacher.records, student.records, strict=True):
+        context = f"Correct solution:\n\n{item['demo']}\nConfidence: 1.00\n\n"
+        question = module.task.student_messages(item)[-1]["content"]
+        turn = f"<|user|>{question}\n{context}Correctly solve the original question.<|end|>"
+        assert turn in t["prompt"] and "Empirical confidence" not in t["prompt"]
+        assert "Correct solution" not in s["prompt"] and f"<|user|>{question}<|end|>" in s["prompt"]
+    # greedy: the same answers twice
+    assert [r["completion"] for r in module.evaluate_teacher(items).records] == [
+        r["completion"] for r in teacher.records
+    ]
+
+
+def test_teacher_evaluation_and_samples_leave_the_random_state_alone():
+    module = _module()
+    module.eval_cfg["do_sample"] = True  # a sampled evaluation draws random numbers
+    items = make_items(2, 0, "eval", 0)
+    prompts = module.student_prompts(items)[1]
+    for call in (lambda: module.evaluate_teacher(items), lambda: module.sample_teacher(prompts)):
+        torch.manual_seed(0)
+        expected = torch.rand(4)
+        torch.manual_seed(0)
+        call()
+        torch.testing.assert_close(torch.rand(4), expected, atol=0, rtol=0)
+
+
+def test_teacher_samples_k_per_group_prompt_and_one_per_rollout_prompt():
+    module = _module()  # K = 3
+    batch = make_items(2, 0, "train", 0)
+    torch.manual_seed(0)
+    group = module.training_step(batch, 0)
+    assert len(group["teacher_prompts"]) == 2 and group["teacher_rows"].tolist() == [True] * 6
+    assert len(module.sample_teacher(group["teacher_prompts"]).texts) == 6
+    module.template = TeacherTemplate(source="sdpo_sibling")
+    per_rollout = [group["teacher_prompts"][b] for b in (0, 0, 0, 1, 1, 1)]
+    assert len(module.sample_teacher(per_rollout).texts) == 6
+
+
+def test_teacher_conditioned_switch_is_checked_at_start_up():
+    with pytest.raises(ValueError, match=r"eval.teacher_conditioned='yes' must be true or false"):
+        DistillationModule(
+            student=build_tiny_llama(hidden_size=16, num_hidden_layers=1, num_attention_heads=2),
+            tokenizer=build_char_tokenizer(),
+            task=ToyTask(),
+            optimizer=partial(torch.optim.AdamW, lr=1e-3),
+            template=TeacherTemplate(),
+            eval={"teacher_conditioned": "yes"},
+        )
+
+
+def test_lora_teacher_is_evaluated_with_the_adapter_off():
+    module = _module(lora=["q_proj", "v_proj"])
+    with torch.no_grad():  # a non-zero adapter, so that student and teacher differ
+        for name, p in module.student.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    items = make_items(3, 0, "eval", 0)
+    chats = [module.teacher_chat(it) for it in items]
+    module.eval()
+    teacher = module.evaluate_teacher(items)
+    with module.student.disable_adapter():
+        base = module.score(module.student, items, chats)
+    adapted = module.score(module.student, items, chats)
+    assert teacher.answer_entropy == base.answer_entropy != adapted.answer_entropy
+    assert len(module.sample_teacher(module.student_prompts(items)[1]).texts) == 9

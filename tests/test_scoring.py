@@ -1,11 +1,13 @@
-"""Scoring one fixed completions file in both modes (eval.scoring=default|reference)."""
+"""Scoring one fixed completions file in both modes (eval.scoring=default|reference); doctests."""
 
+import doctest
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from lightning_caopd import scoring
 from lightning_caopd.metrics import CalibrationMetrics
 from lightning_caopd.scoring import parse_confidences
 
@@ -56,3 +58,8 @@ def test_default_mode_is_unchanged_on_the_same_file():
     assert result["n_stated"] == 8
     assert result["ece"] == pytest.approx(2.5 / 8, abs=1e-6)
     assert result["reliability"]["count"] == [0, 0, 1, 1, 0, 0, 2, 2, 1, 1]
+
+
+def test_doctests():
+    result = doctest.testmod(scoring)
+    assert result.attempted > 0 and result.failed == 0

@@ -4,6 +4,12 @@
 the figures, :mod:`.__main__` is the command line.
 """
 
-from lightning_caopd.report.table import collect, summary_table, write_report
+from lightning_caopd.report.table import (
+    collect,
+    report_markdown,
+    scaling_points,
+    summary_table,
+    write_report,
+)
 
-__all__ = ["collect", "summary_table", "write_report"]
+__all__ = ["collect", "report_markdown", "scaling_points", "summary_table", "write_report"]

@@ -2,14 +2,18 @@
 
 Every figure is a bare ``Figure`` on an Agg canvas (no pyplot state, no display needed). The
 reliability diagrams are drawn by `lightning_caopd.metrics.plot`, the one drawing path for them.
+`scaling` draws the per-size means `lightning_caopd.report.table.scaling_points` computes.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import NullLocator
 
 BASE = "base"
 _COLORS = ["#d9534f", "#3b6fb6", "#5cb85c", "#9b59b6", "#f0ad4e", "#17a2b8", "#795548"]
@@ -28,17 +32,40 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
+def is_base(label: str) -> bool:
+    """Whether a group label is the base model's (``base``, or ``base (20K params)`` per size)."""
+    return label == BASE or label.startswith(f"{BASE} (")
+
+
 def colors(labels: list[str]) -> dict[str, str]:
-    """A colour per group label; the base model is grey."""
-    names = [lb for lb in labels if lb != BASE]
+    """A colour per group label; the base model is grey (darker greys for further base sizes)."""
+    names = [lb for lb in labels if not is_base(lb)]
     out = {lb: _COLORS[i % len(_COLORS)] for i, lb in enumerate(names)}
-    out[BASE] = "0.45"
+    bases = [lb for lb in labels if is_base(lb)] or [BASE]
+    for i, lb in enumerate(bases):
+        out[lb] = f"{0.65 - 0.4 * i / max(1, len(bases) - 1):.2f}" if len(bases) > 1 else "0.45"
     return out
 
 
+def count_label(n: float) -> str:
+    """A parameter count in short form, 3 significant digits at most.
+
+    Example:
+        >>> [count_label(n) for n in (950, 25_000, 1_234_567, 999_999, 32e9)]
+        ['950', '25K', '1.23M', '1M', '32B']
+    """
+    for unit, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if float(f"{n:.3g}") >= unit:
+            return f"{float(f'{n / unit:.3g}'):g}{suffix}"
+    return f"{n:g}"
+
+
 def sizes(labels: list[str]) -> dict[str, float]:
-    """Marker areas shrinking in group order: runs at the same spot stay visible as nested dots."""
-    return {lb: 140 * 0.6**i for i, lb in enumerate(labels)}
+    """Marker areas shrinking in group order: runs at the same spot stay visible as nested dots.
+
+    Never below a visible dot, however many groups (a size sweep has a row per size).
+    """
+    return {lb: max(140 * 0.6**i, 20.0) for i, lb in enumerate(labels)}
 
 
 def confidence_vs_accuracy(groups: dict[str, list[dict]], path: Path) -> Path:
@@ -228,9 +255,11 @@ def reliability_grid(groups: dict[str, list[dict]], path: Path) -> Path:
 
     from lightning_caopd.metrics.plot import plot_reliability_diagram
 
-    fig = _figure(5.0 * len(groups), 5.2)
+    cols = min(len(groups), 4)  # a size sweep has many groups: wrap into rows
+    rows = math.ceil(len(groups) / cols)
+    fig = _figure(5.0 * cols, 5.2 * rows)
     for i, (label, runs) in enumerate(groups.items()):
-        ax = fig.add_subplot(1, len(groups), i + 1)
+        ax = fig.add_subplot(rows, cols, i + 1)
         pooled = pooled_bins(runs)
         title = f"{label} ({len(runs)} runs pooled)" if len(runs) > 1 else f"{label} (1 run)"
         if pooled is not None:
@@ -240,5 +269,77 @@ def reliability_grid(groups: dict[str, list[dict]], path: Path) -> Path:
         ax.imshow(mpimg.imread(png))
         ax.set_axis_off()
         ax.set_title(f"{title}: {png.parent.name}/{png.name}", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def scaling(series: dict[str, dict[int, dict[str, tuple]]], path: Path) -> Path:
+    """Accuracy, stated confidence and ECE against student size, one colour per method.
+
+    The paper's scaling figure: OPD's stated confidence stays near 1 at every size while its
+    accuracy climbs; CaOPD's confidence tracks its accuracy. Left: accuracy (solid, filled
+    markers) and mean stated confidence (dashed, hollow markers); right: ECE. Log size axis.
+
+    Args:
+        series: label -> parameter count -> metric -> ``(mean, std or None, runs)``, as
+            `lightning_caopd.report.table.scaling_points` returns it; std (drawn as error bars)
+            is None for a single run.
+        path: where the PNG goes.
+    """
+    fig = _figure(12.0, 4.9)
+    ax_acc, ax_ece = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    palette = colors(list(series))
+    panels = (
+        (ax_acc, "accuracy", dict(ls="-", marker="o")),
+        (ax_acc, "mean_confidence", dict(ls="--", marker="o", markerfacecolor="white")),
+        (ax_ece, "ece", dict(ls="-", marker="o")),
+    )
+    for label, by_size in series.items():
+        color = palette[label]
+        for ax, key, style in panels:
+            pts = [(n, s[key]) for n, s in sorted(by_size.items()) if key in s]
+            if not pts:
+                continue
+            xs = [n for n, _ in pts]
+            ax.plot(xs, [m for _, (m, _, _) in pts], color=color, lw=1.8, ms=6.5, **style)
+            bars = [(n, m, sd) for n, (m, sd, _) in pts if sd is not None]
+            if bars:
+                ax.errorbar(
+                    *zip(*bars, strict=True), fmt="none", ecolor=color, elinewidth=1, capsize=3
+                )
+    sizes = sorted({n for by_size in series.values() for n in by_size})
+    for ax in (ax_acc, ax_ece):
+        ax.set_xscale("log")
+        ax.set_xticks(sizes, [count_label(n) for n in sizes])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlim(sizes[0] / 1.5, sizes[-1] * 1.5)
+        ax.set_xlabel("Student size (parameters, log scale)")
+        ax.grid(True, color="0.9", lw=0.6)
+    ax_acc.set(
+        ylim=(0.0, 1.05),
+        ylabel="Accuracy / mean stated confidence",
+        title="Accuracy and stated confidence",
+    )
+    ax_ece.set_ylim(bottom=0.0)
+    ax_ece.set(ylabel="ECE (lower is better)", title="Calibration error")
+    handles = [
+        Line2D(
+            [], [], color=palette[lb], lw=2.5, label=f"{lb} (before training)" if lb == BASE else lb
+        )
+        for lb in series
+    ]
+    handles += [
+        Line2D([], [], color="0.2", ls="-", marker="o", label="accuracy (solid)"),
+        Line2D([], [], color="0.2", ls="--", marker="o", mfc="white", label="confidence (dashed)"),
+    ]
+    fig.legend(
+        handles=handles,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncol=len(handles),
+        frameon=False,
+        fontsize=9,
+    )
+    fig.suptitle("Scaling with student size (mean over seeds; bars: std)", fontsize=12)
     fig.tight_layout()
     return _save(fig, path)

@@ -1,12 +1,25 @@
-"""The report's figures: the Pareto front and the pooled reliability bins."""
+"""The report's figures: the Pareto front, the pooled reliability bins, size labels."""
 
+import doctest
 import math
 
 import pytest
 import torch
 
 from lightning_caopd.metrics import ExpectedCalibrationError
+from lightning_caopd.report import figures
 from lightning_caopd.report.figures import pareto_front, pooled_bins, reliability_grid
+
+
+def test_doctests():
+    result = doctest.testmod(figures)  # pareto_front, count_label
+    assert result.attempted >= 2 and result.failed == 0
+
+
+def test_base_rows_are_grey_and_methods_coloured():
+    palette = figures.colors(["base (20K params)", "opd", "base (1.2M params)", "caopd"])
+    assert palette["opd"] != palette["caopd"] and palette["opd"][0] == "#"
+    assert {palette["base (20K params)"], palette["base (1.2M params)"]} == {"0.65", "0.25"}
 
 
 def test_pareto_front():
