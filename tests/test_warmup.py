@@ -46,9 +46,7 @@ def test_missing_base_is_built_on_first_use_and_cached(
     assert len(losses[0]) == 2 and losses[0] == losses[1]
 
 
-def test_scaling_sweep_builds_one_base_per_size(
-    conf_dir, tiny_overrides, make_cfg, tmp_path
-):
+def test_scaling_sweep_builds_one_base_per_size(conf_dir, tiny_overrides, make_cfg, tmp_path):
     from hydra import initialize_config_dir
     from transformers import AutoConfig
 
