@@ -133,7 +133,8 @@ def bare_contestant(args, model_dir, items):
     return step
 
 
-def caopd_contestant(args, model_dir, items):
+def _caopd_module(args, model_dir, items, overrides=()):
+    """The project's module from its configs (`runner.build`, as train.py), and one batch."""
     from hydra import compose, initialize_config_module
 
     from lightning_caopd.runner import build
@@ -146,13 +147,12 @@ def caopd_contestant(args, model_dir, items):
         "data.task.instruction_role=user",
         f"method.rollout.num_rollouts={args.k}",
         f"method.rollout.max_new_tokens={args.new_tokens}",
+        *overrides,
     ]
     with initialize_config_module("lightning_caopd.conf", version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     cfg.method.template.user_format = "{context}{note}\n\n{prompt}"  # the bare/TRL teacher prompt
     module, _ = build(cfg)  # the project's one builder, as train.py uses it
-    opt = module.configure_optimizers()
-    opt = opt["optimizer"] if isinstance(opt, dict) else opt
     batch = [
         {
             "id": str(i),
@@ -163,6 +163,13 @@ def caopd_contestant(args, model_dir, items):
         }
         for i, it in enumerate(items)
     ]
+    return cfg, module, batch
+
+
+def caopd_contestant(args, model_dir, items):
+    _, module, batch = _caopd_module(args, model_dir, items)
+    opt = module.configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
 
     def step():
         loss = module.training_step(batch, 0)["loss"]
@@ -171,6 +178,41 @@ def caopd_contestant(args, model_dir, items):
         opt.zero_grad()
 
     return step
+
+
+def caopd_fit_contestant(args, model_dir, items):
+    """The same module as users run it: `L.Trainer.fit` with the default trainer, callbacks and
+    CSV logger (checkpointing off, as for TRL); a step is the time from one batch's start to the
+    next one's (everything Lightning and the callbacks do per step)."""
+    from lightning.pytorch.callbacks import Callback
+    from omegaconf import open_dict
+
+    from lightning_caopd.runner import build_trainer
+
+    cfg, module, batch = _caopd_module(args, model_dir, items, ["callbacks.checkpoint=null"])
+    n = args.warmup + args.steps
+
+    class Starts(Callback):
+        def __init__(self):
+            self.times = []
+
+        def on_train_batch_start(self, *a):
+            self.times.append(time.perf_counter())
+
+        def on_train_end(self, *a):
+            self.times.append(time.perf_counter())
+
+    def step_round():
+        starts = Starts()
+        with open_dict(cfg):
+            cfg.paths.output_dir = tempfile.mkdtemp()
+        trainer = build_trainer(cfg, max_steps=n)
+        trainer.callbacks.append(starts)
+        loader = torch.utils.data.DataLoader([batch] * n, batch_size=None, collate_fn=lambda b: b)
+        trainer.fit(module, train_dataloaders=loader)
+        return [b - a for a, b in zip(starts.times, starts.times[1:])]
+
+    return step_round
 
 
 class _StepTimes:
@@ -283,12 +325,14 @@ def gkd_contestant(args, model_dir, items, checkpointing=False):
 CONTESTANTS = {
     "bare": bare_contestant,
     "caopd": caopd_contestant,
+    "caopd_fit": caopd_fit_contestant,
     "sdft": sdft_contestant,
     "sdft_ckpt": partial(sdft_contestant, checkpointing=True),
     "gkd": gkd_contestant,
     "gkd_ckpt": partial(gkd_contestant, checkpointing=True),
 }
 TRL = {"sdft", "sdft_ckpt", "gkd", "gkd_ckpt"}
+ROUNDS = TRL | {"caopd_fit"}  # contestants that run a whole round and return its step times
 
 
 def main() -> None:
@@ -327,7 +371,7 @@ def main() -> None:
     for r in range(args.rounds):
         for name in names:  # interleaved: every contestant once per round
             torch.manual_seed(r)
-            if name in TRL:
+            if name in ROUNDS:
                 times = steps[name]()[args.warmup :]
             else:
                 times = []
