@@ -29,6 +29,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -210,7 +211,7 @@ def caopd_fit_contestant(args, model_dir, items):
         trainer.callbacks.append(starts)
         loader = torch.utils.data.DataLoader([batch] * n, batch_size=None, collate_fn=lambda b: b)
         trainer.fit(module, train_dataloaders=loader)
-        return [b - a for a, b in zip(starts.times, starts.times[1:])]
+        return [b - a for a, b in itertools.pairwise(starts.times)]
 
     return step_round
 

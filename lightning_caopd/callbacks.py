@@ -13,7 +13,8 @@
   privileged prompts (the paper's optimism bias, during training).
 
 The modules publish what callbacks read: a training step returns its rollouts beside the loss
-(``outputs``), an evaluation leaves its result in ``pl_module.evaluation``.
+(``outputs["step"]``, a `lightning_caopd.module.StepOutputs`), an evaluation leaves its result
+in ``pl_module.evaluation``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_caopd.confidence import answer_confidence_tokens, parse_confidence
+from lightning_caopd.confidence import answer_confidence_tokens, decode_all, parse_confidence
 from lightning_caopd.errors import NonFiniteError
 from lightning_caopd.files import atomic_write_text
 from lightning_caopd.loggers import log_histogram, log_image, log_rollouts, takes_media
@@ -35,6 +36,11 @@ from lightning_caopd.models import AdapterDisabledTeacher
 from lightning_caopd.scoring import token_entropy
 
 METRICS_FILE = "metrics.json"
+
+
+def step_outputs(outputs):
+    """A distillation step's `lightning_caopd.module.StepOutputs`, or None for other steps."""
+    return outputs.get("step") if isinstance(outputs, dict) else None
 
 
 class MetricsWriter(Callback):
@@ -239,9 +245,13 @@ class NonFiniteGuard(Callback):
 
 @torch.no_grad()
 def all_finite(params) -> bool:
-    """Whether every gradient of `params` is finite (one device sync)."""
-    checks = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
-    return bool(torch.stack(checks).all()) if checks else True
+    """Whether every gradient of `params` is finite (one device sync).
+
+    From each gradient's largest absolute value: NaN and infinity carry through ``amax``, no
+    finite gradient overflows it, and on CPU it is several times faster than ``isfinite().all()``.
+    """
+    peaks = [p.grad.abs().amax() for p in params if p.grad is not None]
+    return bool(torch.isfinite(torch.stack(peaks)).all()) if peaks else True
 
 
 class RolloutEntropy(Callback):
@@ -249,19 +259,23 @@ class RolloutEntropy(Callback):
 
     The student's token entropy (nats) on its rollouts' answer and confidence tokens; the
     paper's entropy collapse shows in the second. Read from the step's (B*K, T, V) student
-    logits; with ``method.loss.fused=true`` those never exist (``outputs["logits"]`` is None) and
-    the two scalars are not logged (the evaluation's ``answer_entropy`` and
+    logits; with ``method.loss.fused=true`` those never exist (``outputs["step"].logits`` is
+    None) and the two scalars are not logged (the evaluation's ``answer_entropy`` and
     ``confidence_entropy`` in ``metrics.json`` still are).
     """
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
-        if not isinstance(outputs, dict) or outputs.get("logits") is None:
+        out = step_outputs(outputs)
+        if out is None or out.logits is None:
             return  # not a distillation step, or a fused one (no student logits)
-        stats = rollout_entropies(outputs["logits"], outputs["completions"], pl_module.tokenizer)
+        stats = rollout_entropies(out.logits, out.completions, pl_module.tokenizer)
         if stats:
             pl_module.log_dict(
-                {k: torch.tensor(v) for k, v in stats.items()}, batch_size=len(outputs["items"])
+                {k: torch.tensor(v) for k, v in stats.items()}, batch_size=len(out.items)
             )
+
+
+ENTROPY_ROWS = 1024  # logit rows per entropy batch in `rollout_entropies`
 
 
 @torch.no_grad()
@@ -280,15 +294,26 @@ def rollout_entropies(
         ``{"train/answer_entropy", "train/confidence_entropy"}``, token-weighted over the batch;
         a key is left out when no rollout has such tokens (nothing to average).
     """
-    sums = {"answer": [0.0, 0], "confidence": [0.0, 0]}
-    for i, ids in enumerate(completions):
-        ids = list(ids)
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        for name, idx in zip(sums, answer_confidence_tokens(ids, text, tokenizer), strict=True):
-            if idx:  # entropy of these rows only: (len(idx), V), never (T, V) per rollout
-                sums[name][0] += token_entropy(logits[i, idx]).sum().item()
-                sums[name][1] += len(idx)
-    return {f"train/{name}_entropy": s / n for name, (s, n) in sums.items() if n}
+    spans: dict[str, tuple[list[int], list[int]]] = {"answer": ([], []), "confidence": ([], [])}
+    completions = [list(ids) for ids in completions]
+    texts = decode_all(tokenizer, completions)
+    for i, (ids, text) in enumerate(zip(completions, texts, strict=True)):
+        for (rows, cols), idx in zip(
+            spans.values(), answer_confidence_tokens(ids, text, tokenizer), strict=True
+        ):
+            rows += [i] * len(idx)
+            cols += idx
+    out = {}
+    for name, (rows, cols) in spans.items():
+        if rows:  # the spans' rows only, ENTROPY_ROWS at a time: never (N, T, V) more
+            total = sum(
+                token_entropy(logits[rows[j : j + ENTROPY_ROWS], cols[j : j + ENTROPY_ROWS]])
+                .sum()
+                .item()
+                for j in range(0, len(rows), ENTROPY_ROWS)
+            )
+            out[f"train/{name}_entropy"] = total / len(rows)
+    return out
 
 
 class RolloutTable(Callback):
@@ -316,20 +341,14 @@ class RolloutTable(Callback):
         self._step = trainer.global_step  # the step the rollouts belong to (as train/loss)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
-        step = self._step
-        if not isinstance(outputs, dict) or "texts" not in outputs:
+        step, out = self._step, step_outputs(outputs)
+        if out is None:
             return  # not a distillation step (the warm-up's steps return only a loss)
         if not self.every or step % self.every or step == self._last_step:
             return
         self._last_step = step
         rows = rollout_rows(
-            step,
-            outputs["items"],
-            pl_module.task,
-            outputs["texts"],
-            outputs["correct"],
-            outputs["p_acc"],
-            self.rows,
+            step, out.items, pl_module.task, out.texts, out.correct, out.p_acc, self.rows
         )
         log_rollouts(trainer.loggers, rows, step)
 
@@ -374,10 +393,9 @@ class PAccHistogram(Callback):
     """A histogram of the step's P_acc (one value per prompt) for W&B and TensorBoard."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
-        if isinstance(outputs, dict) and "p_acc" in outputs and takes_media(trainer.loggers):
-            log_histogram(
-                trainer.loggers, "train/p_acc", outputs["p_acc"].cpu(), trainer.global_step
-            )
+        out = step_outputs(outputs)
+        if out is not None and takes_media(trainer.loggers):
+            log_histogram(trainer.loggers, "train/p_acc", out.p_acc.cpu(), trainer.global_step)
 
 
 class ReliabilityImage(Callback):
@@ -436,21 +454,20 @@ class TeacherSuccess(Callback):
         self._step = trainer.global_step  # the step the rollouts belong to
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
-        step = self._step
-        if not isinstance(outputs, dict) or "teacher_prompts" not in outputs:
+        step, out = self._step, step_outputs(outputs)
+        if out is None:
             return  # not a distillation step
         if step % self.every_n_steps or step == self._last_step:
             return  # off the schedule, or a later micro-batch of the same optimizer step
         self._last_step = step
-        roll = pl_module.sample_teacher(outputs["teacher_prompts"])
-        correct, _ = pl_module.verify(outputs["items"], roll.texts)
-        stats = teacher_success_stats(
-            correct, roll.texts, outputs["teacher_rows"], outputs["p_acc"]
-        )
+        roll = pl_module.sample_teacher(out.teacher_prompts)
+        correct, _ = pl_module.verify(out.items, roll.texts)
+        stats = teacher_success_stats(correct, roll.texts, out.teacher_rows, out.p_acc)
         for lg in trainer.loggers if stats else ():
             # straight to the loggers: a value given to `self.log` would be repeated at every
             # later step of the epoch, where nothing was measured
             lg.log_metrics(stats, step=step)
+            lg.save()  # as Lightning does after each write
 
 
 def teacher_success_stats(

@@ -307,9 +307,22 @@ PARSERS = {"default": parse_confidence, "reference": parse_confidence_reference}
 # --- token spans: which completion tokens state the answer and which the confidence ----------
 
 
+def decode_all(tokenizer, id_lists: list[list[int]]) -> list[str]:
+    """``tokenizer.decode(ids, skip_special_tokens=True)`` of every list in `id_lists`.
+
+    A fast tokenizer that does no clean-up decodes them all in one call of its backend (what its
+    `decode` does to each; the training callbacks decode every rollout of every step); any other
+    decodes them one by one.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return backend.decode_batch([list(ids) for ids in id_lists], skip_special_tokens=True)
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in id_lists]
+
+
 def char_offsets(ids: list[int], tokenizer) -> list[int]:
     """offsets[i] = length of the decoded text of ids[:i], for i in 0..len(ids)."""
-    return [len(tokenizer.decode(ids[:i], skip_special_tokens=True)) for i in range(len(ids) + 1)]
+    return [len(t) for t in decode_all(tokenizer, [ids[:i] for i in range(len(ids) + 1)])]
 
 
 def span_tokens(offsets: list[int], start: int, end: int) -> list[int]:

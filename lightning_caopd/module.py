@@ -65,6 +65,39 @@ EVAL_DEFAULTS = {
 FUSED_CHUNK_SIZE = 256  # positions per chunk of the fused divergence when loss.chunk_size is null
 
 
+class StepOutputs:
+    """What a training step hands the callbacks beside its loss (``outputs["step"]``).
+
+    A plain object on purpose: Lightning walks every dict, list and dataclass a step returns
+    (to detach its tensors), and these lists of token ids and texts cost it milliseconds a step.
+
+    Attributes:
+        items: the step's B items.
+        texts: the B*K rollout texts, prompt-major.
+        correct: (B*K,) their verdicts.
+        p_acc: (B,) the share correct per prompt.
+        completions: the B*K training completions (token ids, after the confidence targets).
+        logits: the student's (B*K, T, V) logits on them, detached; None when fused.
+        teacher_prompts: the teacher prompts the step trained on (CaOPD's rewritten ones).
+        teacher_rows: (B*K,) bool, the rollouts in the loss.
+    """
+
+    __slots__ = (
+        "items",
+        "texts",
+        "correct",
+        "p_acc",
+        "completions",
+        "logits",
+        "teacher_prompts",
+        "teacher_rows",
+    )
+
+    def __init__(self, **fields) -> None:
+        for name in self.__slots__:
+            setattr(self, name, fields[name])
+
+
 @dataclass
 class TeacherInputs:
     """The teacher's prompts for one step and what building them counted.
@@ -301,16 +334,16 @@ class DistillationModule(StudentSystem):
         )
         return {  # the loss, and what the callbacks log from the step (detached)
             "loss": loss,
-            "items": batch,
-            "texts": roll.texts,
-            "correct": correct,
-            "p_acc": p_acc,
-            "completions": completions,
-            # (B*K, T, V); None with loss.fused (no such tensor exists; RolloutEntropy skips)
-            "logits": None if student_logits is None else student_logits.detach(),
-            # the contexts the step trained on (CaOPD's rewritten ones), for TeacherSuccess
-            "teacher_prompts": teacher.prompts,
-            "teacher_rows": teacher.rows,
+            "step": StepOutputs(
+                items=batch,
+                texts=roll.texts,
+                correct=correct,
+                p_acc=p_acc,
+                completions=completions,
+                logits=None if student_logits is None else student_logits.detach(),
+                teacher_prompts=teacher.prompts,
+                teacher_rows=teacher.rows,
+            ),
         }
 
     def student_prompts(self, batch: list[dict]) -> tuple[list[dict], list[list[int]], int]:

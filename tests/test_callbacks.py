@@ -211,3 +211,15 @@ def test_teacher_success_logs_every_n_steps_and_leaves_the_student_rollouts_alon
 def test_teacher_success_rejects_bad_options():
     with pytest.raises(ValueError, match="every_n_steps must be an integer >= 1"):
         TeacherSuccess(every_n_steps=0)
+
+
+@pytest.mark.parametrize(
+    "grad, finite",
+    [([1.0, float("nan")], False), ([float("-inf"), 0.0], False), ([3e38, -3e38], True)],
+)
+def test_all_finite_sees_nan_and_inf_and_never_overflows(grad, finite):
+    from lightning_caopd.callbacks import all_finite
+
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    a.grad, b.grad = torch.tensor(grad), torch.ones(3)
+    assert all_finite([a, b]) is finite and all_finite([torch.nn.Parameter(torch.ones(1))])

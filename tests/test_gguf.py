@@ -98,3 +98,19 @@ def test_smollm2_answers_a_science_item_with_its_chat_template(tmp_path):
     assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
     roll = sample(model, tok, prompts, num_samples=1, max_new_tokens=24, do_sample=False)
     assert roll.texts[0].strip() and len(roll.completions[0]) <= 24
+
+
+def test_char_offsets_in_one_backend_call_equal_decoding_every_prefix(tiny_gguf, tmp_path):
+    import random
+
+    from lightning_caopd.confidence import char_offsets
+
+    tok = load_tokenizer(tiny_gguf, tmp_path / "cache")
+    assert not tok.clean_up_tokenization_spaces  # the byte-level BPE takes the one-call path
+    rng = random.Random(0)
+    texts = ["Answer: 42\nConfidence: 0.85", "  ünï cödé ✓\n\tConfidence:1"]
+    rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    rows += [[rng.randrange(len(tok)) for _ in range(20)] for _ in range(20)]
+    for ids in rows:
+        slow = [len(tok.decode(ids[:i], skip_special_tokens=True)) for i in range(len(ids) + 1)]
+        assert char_offsets(ids, tok) == slow

@@ -139,7 +139,7 @@ def test_fused_step_returns_no_logits_and_rollout_entropy_skips_it():
     module = _module(fused=True)
     torch.manual_seed(0)
     out = module.training_step(make_items(2, 0, "train", 0), 0)
-    assert out["logits"] is None and out["loss"].requires_grad
+    assert out["step"].logits is None and out["loss"].requires_grad
     logged_keys = []
     module.log_dict = lambda d, **kw: logged_keys.extend(d)  # what the callback would log
     RolloutEntropy().on_train_batch_end(None, module, out, None, 0)
@@ -400,11 +400,11 @@ def test_teacher_samples_k_per_group_prompt_and_one_per_rollout_prompt():
     module = _module()  # K = 3
     batch = make_items(2, 0, "train", 0)
     torch.manual_seed(0)
-    group = module.training_step(batch, 0)
-    assert len(group["teacher_prompts"]) == 2 and group["teacher_rows"].tolist() == [True] * 6
-    assert len(module.sample_teacher(group["teacher_prompts"]).texts) == 6
+    group = module.training_step(batch, 0)["step"]
+    assert len(group.teacher_prompts) == 2 and group.teacher_rows.tolist() == [True] * 6
+    assert len(module.sample_teacher(group.teacher_prompts).texts) == 6
     module.template = TeacherTemplate(source="sdpo_sibling")
-    per_rollout = [group["teacher_prompts"][b] for b in (0, 0, 0, 1, 1, 1)]
+    per_rollout = [group.teacher_prompts[b] for b in (0, 0, 0, 1, 1, 1)]
     assert len(module.sample_teacher(per_rollout).texts) == 6
 
 
