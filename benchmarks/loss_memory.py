@@ -23,6 +23,7 @@ Usage:
     python benchmarks/loss_memory.py --vocab 32000 --dtype bfloat16 --shapes 8x256
     python benchmarks/loss_memory.py --shapes 8x256,8x512,8x1024,8x2048 \
         --modes unchunked,chunked,fused --hidden 896
+    python benchmarks/loss_memory.py --shapes 8x256 --modes unfused,fused   # like-for-like time
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import time
 from pathlib import Path
 
 GIB = 1024**3
-MODES = ("unchunked", "chunked", "fused")
+MODES = ("unchunked", "chunked", "fused", "unfused")
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Rough (N, T, V)-sized float32 temporaries alive at the unchunked peak (log-probs of both,
 # teacher probs, difference, sanitised difference, product, their gradients) and per chunk row
@@ -76,7 +77,7 @@ def child(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     n_seq, n_pos = (int(x) for x in args.shape.split("x"))
-    if args.mode == "fused":
+    if args.mode in ("fused", "unfused"):
         fused_child(args, dtype, n_seq, n_pos)
         return
     chunk = args.chunk_size if args.mode == "chunked" else None
@@ -123,12 +124,18 @@ def child(args: argparse.Namespace) -> None:
 
 
 def fused_child(args: argparse.Namespace, dtype, n_seq: int, n_pos: int) -> None:
-    """The ``fused`` path of ``child``: from hidden states and head weights."""
+    """The ``fused`` path of ``child``, from hidden states and head weights; ``unfused``: the same
+    inputs through the heads whole ((N, T, V) logits) and the unchunked divergence, its
+    like-for-like baseline (time and memory include both projections)."""
     import torch
 
-    from lightning_caopd.divergence import fused_linear_divergence
+    from lightning_caopd.divergence import divergence_loss, fused_linear_divergence
 
     def run(s_hidden, s_weight, t_hidden, t_weight, mask):
+        if args.mode == "unfused":
+            with torch.no_grad():
+                t_logits = t_hidden @ t_weight.T
+            return divergence_loss(s_hidden @ s_weight.T, t_logits, mask, args.kind)[0]
         return fused_linear_divergence(
             s_hidden, s_weight, t_hidden, t_weight, mask, kind=args.kind, chunk_size=args.chunk_size
         )[0]
@@ -158,7 +165,7 @@ def fused_child(args: argparse.Namespace, dtype, n_seq: int, n_pos: int) -> None
             {
                 "shape": args.shape,
                 "mode": args.mode,
-                "chunk_size": args.chunk_size,
+                "chunk_size": None if args.mode == "unfused" else args.chunk_size,
                 "hidden": args.hidden,
                 "inputs_gib": 2 * (s_hidden.numel() + s_weight.numel()) * size / GIB,
                 "baseline_rss_gib": baseline_rss / GIB,
@@ -177,6 +184,10 @@ def estimate_peak_bytes(n_seq: int, n_pos: int, args: argparse.Namespace, mode: 
     """Rough peak RSS of a child (inputs + temporaries + gradient + ~0.5 GiB of runtime)."""
     elems = n_seq * n_pos * args.vocab
     inputs_and_grad = 3 * elems * BYTES[args.dtype]
+    if mode == "unfused":  # the unchunked path plus the inputs and gradients of the heads
+        hidden, head = n_seq * n_pos * args.hidden, args.vocab * args.hidden
+        heads = 3 * (hidden + head) * BYTES[args.dtype]
+        return inputs_and_grad + UNCHUNKED_TEMPS * elems * 4 + heads + GIB // 2
     if mode == "fused":
         hidden, head = n_seq * n_pos * args.hidden, args.vocab * args.hidden
         # Inputs and gradients of hidden states and weights, plus the float32 weight accumulator.
@@ -236,11 +247,11 @@ def parent(args: argparse.Namespace) -> None:
             )
         else:
             print(f"{r['shape']:>8} {r['mode']:>9}  {r.get('skipped') or r.get('error')}")
-    if any(r["mode"] == "fused" for r in rows):
+    if any(r["mode"] in ("fused", "unfused") for r in rows):
         print(
-            f"fused: from (N, T, H = {args.hidden}) hidden states and (V, H) weights of both "
-            "models, projections included; its inputs/grad are those tensors, its growth "
-            "excludes them (the logit paths' growth excludes their logits)"
+            f"fused, unfused: from (N, T, H = {args.hidden}) hidden states and (V, H) weights of "
+            "both models, projections included; their inputs/grad are those tensors, their "
+            "growth excludes them (the logit paths' growth excludes their logits)"
         )
 
     out = Path(args.out)
