@@ -421,7 +421,7 @@ class TeacherSuccess(Callback):
 
     The paper's optimism bias (arXiv 2604.16830) during training: on the teacher prompts the
     step trained on (with CaOPD's rewritten contexts), the teacher samples with the step's
-    rollout settings (`DistillationModule.sample_teacher`: K per group prompt, one per
+    rollout settings (`TeacherDiagnostics.sample_teacher`: K per group prompt, one per
     per-rollout prompt), the task verifies the samples, and the callback logs
     ``train/teacher_success`` (share correct), ``train/teacher_optimism_gap`` (that minus the
     step's mean student P_acc) and ``train/teacher_format_rate`` (share stating a confidence).

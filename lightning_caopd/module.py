@@ -4,10 +4,8 @@
 happens around the step (teacher EMA, the non-finite guard, rollout tables, entropies,
 reliability diagrams, ``metrics.json``) is in `lightning_caopd.callbacks`.
 
-The teacher side of the paper's diagnosis: the evaluation also scores the teacher with the
-privileged context (``metrics.json``'s ``teacher_conditioned`` block, ``eval.teacher_conditioned``)
-and `DistillationModule.sample_teacher` serves the `lightning_caopd.callbacks.TeacherSuccess`
-callback.
+The teacher side of the paper's diagnosis (the teacher scored with the privileged context) is the
+`lightning_caopd.diagnostics.TeacherDiagnostics` mixin.
 """
 
 from __future__ import annotations
@@ -23,8 +21,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_caopd.calibration import ConfidenceTargets, empirical_accuracy, p_acc_stats
-from lightning_caopd.checkpointing import RNG_KEY, rng_states, set_rng_states, untouched_rng
+from lightning_caopd.checkpointing import RNG_KEY, rng_states, set_rng_states
 from lightning_caopd.confidence import parse_confidence
+from lightning_caopd.diagnostics import TeacherDiagnostics
 from lightning_caopd.divergence import (
     OutputHead,
     divergence_loss,
@@ -38,7 +37,6 @@ from lightning_caopd.models import (
     AdapterDisabledTeacher,
     causal_lm,
     make_teacher,
-    plain_teacher,
     run_body,
 )
 from lightning_caopd.rollout import (
@@ -47,11 +45,10 @@ from lightning_caopd.rollout import (
     completion_hidden,
     completion_logits,
     encode_chats,
-    sample,
     shared_prefix_hidden,
     shared_prefix_logits,
 )
-from lightning_caopd.scoring import EvalBatch, EvalScores, evaluate_items, teacher_conditioned
+from lightning_caopd.scoring import EvalBatch, EvalScores, evaluate_items
 from lightning_caopd.settings import LossSettings, RolloutSettings
 from lightning_caopd.tasks.base import Task
 from lightning_caopd.templates import TeacherTemplate
@@ -230,7 +227,7 @@ class StudentSystem(L.LightningModule):
         result["n_parameters"] = self.n_parameters  # metrics.json only: no curve to draw
 
 
-class DistillationModule(StudentSystem):
+class DistillationModule(TeacherDiagnostics, StudentSystem):
     """On-policy distillation with a choice of confidence targets (arXiv 2604.16830).
 
     Args:
@@ -516,66 +513,6 @@ class DistillationModule(StudentSystem):
         k = len(completions) // len(prompts)
         batch = build_batch([p for p in prompts for _ in range(k)], completions, pad, self.device)
         return completion_hidden(body, batch), batch["completion_mask"]
-
-    def validation_step(self, batch: list[dict], batch_idx: int) -> None:  # noqa: D102
-        super().validation_step(batch, batch_idx)
-        if self.eval_cfg["teacher_conditioned"]:
-            self.teacher_scores.update(self.evaluate_teacher(batch))
-
-    def on_validation_epoch_end(self) -> None:  # noqa: D102
-        super().on_validation_epoch_end()
-        if not self.eval_cfg["teacher_conditioned"]:
-            return
-        block = teacher_conditioned(self.teacher_scores.compute(), self.evaluation)
-        self.teacher_scores.reset()
-        self.evaluation["teacher_conditioned"] = block
-        self.log_dict(
-            {f"val/teacher_conditioned/{k}": float(v) for k, v in block.items() if v is not None},
-            sync_dist=False,  # already synced by the metrics
-        )
-
-    def teacher_chat(self, item: dict) -> list[dict]:
-        """The teacher's messages for `item` at evaluation: the student's, with the demonstration.
-
-        OPD's teacher-conditioned target: the demonstration with the template's confidence line
-        whatever ``template.source`` (no rollouts to draw a solution or sibling from), and no
-        CaOPD note or replacement.
-        """
-        return self.template.messages(
-            self.task.student_messages(item), self.template.demonstration(item)
-        )
-
-    def evaluate_teacher(self, items: list[dict]) -> EvalBatch:
-        """The teacher's answers to `items` with the privileged context (`teacher_chat`).
-
-        Scored as the student's (`StudentSystem.score`, greedy by default) on the same items;
-        every random generator is left as it was, so training does not see it.
-        """
-        chats = [self.teacher_chat(it) for it in items]
-        with untouched_rng(), plain_teacher(self.teacher) as model:
-            return self.score(model, items, chats)
-
-    def sample_teacher(self, prompts: list[list[int]]) -> Rollouts:
-        """The teacher's own rollouts on a step's teacher prompts, with its rollout settings.
-
-        K per prompt when there is one prompt per group (B prompts), one per prompt when there
-        is one per rollout (B*K, ``sdpo_sibling``): B*K rows, prompt-major, as the student's.
-        Sampled from the teacher itself (no engine) under ``no_grad``, with every random
-        generator saved and restored, so the run's later draws are those of a run without it.
-        """
-        r = self.rollout
-        k = 1 if self.template.per_rollout else r.num_rollouts
-        with untouched_rng(), plain_teacher(self.teacher) as model:
-            return sample(
-                model,
-                self.tokenizer,
-                prompts,
-                k,
-                r.max_new_tokens,
-                r.temperature,
-                r.top_p,
-                use_generate=getattr(self.engine, "use_generate", False),
-            )
 
     def log_step(
         self, batch, roll, correct, p_acc, loss, per_token, mask, teacher, n_cut, elapsed
