@@ -28,6 +28,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_caopd.confidence import answer_confidence_tokens, decode_all, parse_confidence
+from lightning_caopd.data.base import check_int
 from lightning_caopd.errors import NonFiniteError
 from lightning_caopd.files import atomic_write_text
 from lightning_caopd.loggers import log_histogram, log_image, log_rollouts, takes_media
@@ -199,15 +200,7 @@ class NonFiniteGuard(Callback):
     """
 
     def __init__(self, max_consecutive: int | None = 3) -> None:
-        if max_consecutive is not None and (
-            isinstance(max_consecutive, bool)
-            or not isinstance(max_consecutive, int)
-            or max_consecutive < 1
-        ):
-            raise ValueError(
-                "callbacks.nonfinite_guard.max_consecutive must be 1 or more, or null to never "
-                f"stop; got {max_consecutive!r}."
-            )
+        check_int("callbacks.nonfinite_guard.max_consecutive", max_consecutive, 1, allow_none=True)
         self.max_consecutive = max_consecutive
         self.streak = 0
         self.total = 0
@@ -437,15 +430,7 @@ class TeacherSuccess(Callback):
     """
 
     def __init__(self, every_n_steps: int = 50) -> None:
-        if (
-            isinstance(every_n_steps, bool)
-            or not isinstance(every_n_steps, int)
-            or every_n_steps < 1
-        ):
-            raise ValueError(
-                "callbacks.teacher_success.every_n_steps must be an integer >= 1 (or set "
-                f"callbacks.teacher_success=null to turn it off); got {every_n_steps!r}."
-            )
+        check_int("callbacks.teacher_success.every_n_steps", every_n_steps, 1)
         self.every_n_steps = every_n_steps
         self._step = 0
         self._last_step = -1

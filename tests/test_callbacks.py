@@ -209,7 +209,8 @@ def test_teacher_success_logs_every_n_steps_and_leaves_the_student_rollouts_alon
 
 
 def test_teacher_success_rejects_bad_options():
-    with pytest.raises(ValueError, match="every_n_steps must be an integer >= 1"):
+    out_of_range = r"every_n_steps=0 is out of range: it must be an integer >= 1"
+    with pytest.raises(ValueError, match=out_of_range):
         TeacherSuccess(every_n_steps=0)
 
 
