@@ -241,13 +241,9 @@ def test_output_dir_held_by_another_process_is_refused(tmp_path):
         pass
 
 
-def test_full_disk_is_one_paragraph_and_leaves_no_partial_checkpoint(tiny_dir, tmp_path):
-    def small_files():  # writes past 60 kB fail as on a full disk (EFBIG instead of ENOSPC)
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
-
-    run_dir = tmp_path / "run"
-    out = subprocess.run(
+def _train_science(tiny_dir: Path, run_dir: Path, **popen) -> subprocess.CompletedProcess:
+    """`train.py` in a subprocess: a short OPD run of the tiny model on the science fixture rows."""
+    return subprocess.run(
         [
             sys.executable,
             str(ROOT / "train.py"),
@@ -260,13 +256,22 @@ def test_full_disk_is_one_paragraph_and_leaves_no_partial_checkpoint(tiny_dir, t
             f"hydra.run.dir={run_dir}",
             *SHORT[:-2],
         ],
-        cwd=tmp_path,
+        cwd=run_dir.parent,
         env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=240,
-        preexec_fn=small_files,
+        **popen,
     )
+
+
+def test_full_disk_is_one_paragraph_and_leaves_no_partial_checkpoint(tiny_dir, tmp_path):
+    def small_files():  # writes past 60 kB fail as on a full disk (EFBIG instead of ENOSPC)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+
+    run_dir = tmp_path / "run"
+    out = _train_science(tiny_dir, run_dir, preexec_fn=small_files)
     assert out.returncode == 1
     assert "Traceback" not in out.stderr
     last = out.stderr.strip().splitlines()[-1]
@@ -276,25 +281,7 @@ def test_full_disk_is_one_paragraph_and_leaves_no_partial_checkpoint(tiny_dir, t
 
 def test_train_log_holds_the_console_and_the_console_is_quiet(tiny_dir, tmp_path):
     run_dir = tmp_path / "run"
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "experiment=opd_science",
-            "model=hf",
-            f"model.pretrained_model_name_or_path={tiny_dir}",
-            f"data.path={SCIENCE}",
-            "data.num_eval=2",
-            "callbacks.best=null",
-            f"hydra.run.dir={run_dir}",
-            *SHORT[:-2],
-        ],
-        cwd=tmp_path,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    out = _train_science(tiny_dir, run_dir)
     assert out.returncode == 0, out.stderr[-3000:]
     console = out.stdout + out.stderr
     log = (run_dir / "train.log").read_text()
