@@ -173,22 +173,17 @@ class AdapterDisabledTeacher:
         self.model = model
 
     def __call__(self, *args, **kwargs):
-        """The student's forward with the adapter disabled, in eval mode."""
-        was_training = self.model.training
-        self.model.eval()  # the frozen teacher never runs dropout
-        try:
-            with self.model.disable_adapter():
-                return self.model(*args, **kwargs)
-        finally:
-            self.model.train(was_training)
+        """The student's forward with the adapter disabled, in eval mode (`plain_teacher`)."""
+        with plain_teacher(self) as model:
+            return model(*args, **kwargs)
 
 
 @contextlib.contextmanager
 def plain_teacher(teacher: PreTrainedModel | AdapterDisabledTeacher) -> Iterator[PreTrainedModel]:
     """The teacher as a causal LM that sampling and evaluation code can run for a block.
 
-    An `AdapterDisabledTeacher` is the peft student with its adapter disabled, in eval mode, for
-    the block (as its ``__call__`` does for one forward); any other teacher is yielded as it is.
+    An `AdapterDisabledTeacher` is the peft student with its adapter disabled, in eval mode (the
+    frozen teacher never runs dropout), for the block; any other teacher is yielded as it is.
     """
     if not isinstance(teacher, AdapterDisabledTeacher):
         yield teacher
