@@ -309,7 +309,38 @@ def rollout_entropies(
     return out
 
 
-class RolloutTable(Callback):
+class EveryNSteps(Callback):
+    """Acts on a distillation step's outputs every `every` optimizer steps (0, N, 2N, ...).
+
+    Once per optimizer step (not per micro-batch), at the step the rollouts belong to (as
+    ``train/loss``); steps that are not distillation steps (the warm-up's) are passed over.
+    Subclasses implement `on_due_step`.
+
+    Args:
+        every: optimizer steps between calls; 0 never calls.
+    """
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self._step = 0
+        self._last_step = -1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: D102
+        self._step = trainer.global_step  # the step the rollouts belong to (as train/loss)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
+        step, out = self._step, step_outputs(outputs)
+        if out is None or not self.every or step % self.every or step == self._last_step:
+            return  # not a distillation step, off the schedule, or a later micro-batch
+        self._last_step = step
+        self.on_due_step(trainer, pl_module, out, step)
+
+    def on_due_step(self, trainer, pl_module, out, step: int) -> None:
+        """The work of a scheduled step: `out` is its `lightning_caopd.module.StepOutputs`."""
+        raise NotImplementedError
+
+
+class RolloutTable(EveryNSteps):
     """A table of sample rollouts every `every` optimizer steps.
 
     A W&B table, a TensorBoard text and ``csv/rollouts.csv``: prompt, completion, parsed
@@ -326,20 +357,10 @@ class RolloutTable(Callback):
                 f"callbacks.rollout_table needs every >= 0 and rows >= 1; got every={every}, "
                 f"rows={rows}."
             )
-        self.every, self.rows = every, rows
-        self._last_step = -1
-        self._step = 0
+        super().__init__(every)
+        self.rows = rows
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: D102
-        self._step = trainer.global_step  # the step the rollouts belong to (as train/loss)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
-        step, out = self._step, step_outputs(outputs)
-        if out is None:
-            return  # not a distillation step (the warm-up's steps return only a loss)
-        if not self.every or step % self.every or step == self._last_step:
-            return
-        self._last_step = step
+    def on_due_step(self, trainer, pl_module, out, step: int) -> None:  # noqa: D102
         rows = rollout_rows(
             step, out.items, pl_module.task, out.texts, out.correct, out.p_acc, self.rows
         )
@@ -409,7 +430,7 @@ class ReliabilityImage(Callback):
         log_image(trainer.loggers, "val/reliability", image, trainer.global_step)
 
 
-class TeacherSuccess(Callback):
+class TeacherSuccess(EveryNSteps):
     """The teacher's own success on the step's privileged prompts, every `every_n_steps` steps.
 
     The paper's optimism bias (arXiv 2604.16830) during training: on the teacher prompts the
@@ -431,20 +452,9 @@ class TeacherSuccess(Callback):
 
     def __init__(self, every_n_steps: int = 50) -> None:
         check_int("callbacks.teacher_success.every_n_steps", every_n_steps, 1)
-        self.every_n_steps = every_n_steps
-        self._step = 0
-        self._last_step = -1
+        super().__init__(every_n_steps)
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: D102
-        self._step = trainer.global_step  # the step the rollouts belong to
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
-        step, out = self._step, step_outputs(outputs)
-        if out is None:
-            return  # not a distillation step
-        if step % self.every_n_steps or step == self._last_step:
-            return  # off the schedule, or a later micro-batch of the same optimizer step
-        self._last_step = step
+    def on_due_step(self, trainer, pl_module, out, step: int) -> None:  # noqa: D102
         roll = pl_module.sample_teacher(out.teacher_prompts)
         correct, _ = pl_module.verify(out.items, roll.texts)
         stats = teacher_success_stats(correct, roll.texts, out.teacher_rows, out.p_acc)
