@@ -1,4 +1,4 @@
-"""The toy world's warm-up: supervised training of the base student.
+"""The warm-ups: supervised training of a base student (the toy base, the arithmetic base).
 
 The base learns three things: the answer format with a confidence line on every answer; the
 ``next`` family and half of the ``prev`` family; and to use privileged context, that is, to
@@ -10,7 +10,7 @@ distillation (the paper's entropy-collapse claim is measured against it).
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -21,6 +21,8 @@ from lightning_caopd.calibration import CaOPD
 from lightning_caopd.models import build_char_tokenizer, save_model
 from lightning_caopd.module import StudentSystem
 from lightning_caopd.rollout import encode_chats
+from lightning_caopd.tasks import arith
+from lightning_caopd.tasks.base import Task
 from lightning_caopd.tasks.toy import ToyTask, iter_items, prev_in_warmup
 from lightning_caopd.templates import TeacherTemplate, with_confidence
 
@@ -30,6 +32,56 @@ BASE_CONFIDENCES = {
     "prev": [0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
     "code": [0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
 }
+# The arithmetic base's: around the accuracy the warmed-up SmolLM2-135M reaches on each family
+# (0.83 / 0.61 / 0.49 when it was taught 0.5-0.9 / 0.3-0.7 / 0.1-0.5 and stated 0.50 / 0.18 /
+# none: its greedy confidences sit at the low end of what it was taught)
+ARITH_CONFIDENCES = {
+    "add2": [0.75, 0.8, 0.85, 0.9],
+    "add3": [0.55, 0.6, 0.65, 0.7],
+    "add4": [0.4, 0.45, 0.5, 0.55],
+}
+
+
+def supervised_examples(
+    items: Iterable[dict],
+    n: int,
+    seed: int,
+    task: Task,
+    template: TeacherTemplate,
+    caopd: CaOPD,
+    confidences: Mapping[str, list[float]],
+    keep: Callable[[dict], bool] = lambda item: True,
+    teacher_share: float = 0.5,
+    confidence_steps: int = 100,
+) -> list[tuple[list[dict], str]]:
+    """(chat, target completion) pairs for a base's warm-up, drawn from `items`.
+
+    A `teacher_share` of them carry a reference solution with a stated confidence (1.00 in a
+    third of them, else uniform on the grid 0, 1/`confidence_steps`, ..., 1: 0.01 by default,
+    1/K to teach exactly the values P_acc takes), and half of those the CaOPD note too; the
+    target copies the reference's answer and confidence. The rest are plain student prompts
+    (of the items `keep` accepts) whose target is the item's demonstration with a noisy
+    family-level confidence drawn from `confidences[category]`.
+    """
+    rng = random.Random(seed)
+    examples: list[tuple[list[dict], str]] = []
+    for item in items:
+        if len(examples) == n:
+            break
+        student = task.student_messages(item)
+        if rng.random() < teacher_share:
+            sure = rng.random() < 1 / 3
+            c = 1.0 if sure else rng.randrange(confidence_steps + 1) / confidence_steps
+            line = f"Confidence: {c:.2f}"
+            note = caopd.note.format(p_acc=c) if rng.random() < 0.5 else ""
+            chat = template.messages(student, with_confidence(item["demo"], line), note)
+            examples.append((chat, f"{item['demo']}\n{line}"))
+            continue
+        if not keep(item):
+            continue
+        c = rng.choice(confidences[item["category"]])
+        examples.append((student, f"{item['demo']}\nConfidence: {c:.2f}"))
+    return examples
 
 
 def warmup_examples(
@@ -42,36 +94,29 @@ def warmup_examples(
     teacher_share: float = 0.5,
     confidence_steps: int = 100,
 ) -> list[tuple[list[dict], str]]:
-    """(chat, target completion) pairs for the warm-up.
+    """The toy warm-up's `supervised_examples`.
 
-    A `teacher_share` of them carry a reference solution with a stated confidence (1.00 in a
-    third of them, else uniform on the grid 0, 1/`confidence_steps`, ..., 1: 0.01 by default,
-    1/K to teach exactly the values P_acc takes), and half of those the CaOPD note too; the
-    target copies the reference's answer and confidence. The rest are plain student prompts
-    whose target is the true answer (for ``prev``, only on the warm-up half of the letters) with a
-    noisy family-level confidence.
+    Student targets for ``prev`` only on the warm-up half of the letters; confidences from
+    `BASE_CONFIDENCES`.
     """
-    rng = random.Random(seed)
-    examples: list[tuple[list[dict], str]] = []
-    for item in iter_items(seed, "warmup", world_seed):
-        if len(examples) == n:
-            break
-        student = task.student_messages(item)
-        if rng.random() < teacher_share:
-            sure = rng.random() < 1 / 3
-            c = 1.0 if sure else rng.randrange(confidence_steps + 1) / confidence_steps
-            line = f"Confidence: {c:.2f}"
-            note = caopd.note.format(p_acc=c) if rng.random() < 0.5 else ""
-            chat = template.messages(student, with_confidence(item["demo"], line), note)
-            examples.append((chat, f"{item['demo']}\n{line}"))
-            continue
-        if item["category"] == "prev" and not prev_in_warmup(
-            world_seed, item["messages"][0]["content"][-1]
-        ):
-            continue
-        c = rng.choice(BASE_CONFIDENCES[item["category"]])
-        examples.append((student, f"{item['demo']}\nConfidence: {c:.2f}"))
-    return examples
+
+    def keep(item: dict) -> bool:
+        letter = item["messages"][0]["content"][-1]
+        return item["category"] != "prev" or prev_in_warmup(world_seed, letter)
+
+    items = iter_items(seed, "warmup", world_seed)
+    return supervised_examples(
+        items,
+        n,
+        seed,
+        task,
+        template,
+        caopd,
+        BASE_CONFIDENCES,
+        keep,
+        teacher_share,
+        confidence_steps,
+    )
 
 
 class SFTDataset(Dataset):
@@ -119,6 +164,33 @@ def build_dataset(
     return SFTDataset(examples, build_char_tokenizer())
 
 
+def build_arith_dataset(
+    n: int,
+    seed: int,
+    tokenizer: PreTrainedTokenizerBase,
+    confidence_instruction: str,
+    instruction_role: str = "system",
+    confidence_steps: int = 100,
+) -> SFTDataset:
+    """The arithmetic base's warm-up examples, tokenized for `tokenizer` (with its chat template).
+
+    `supervised_examples` of addition items, confidences from `ARITH_CONFIDENCES`.
+    """
+    task = arith.ArithTask(confidence_instruction, instruction_role)
+    items = arith.iter_items(seed, "warmup")
+    examples = supervised_examples(
+        items,
+        n,
+        seed,
+        task,
+        TeacherTemplate(),
+        CaOPD(),
+        ARITH_CONFIDENCES,
+        confidence_steps=confidence_steps,
+    )
+    return SFTDataset(examples, tokenizer)
+
+
 class WarmupModule(StudentSystem):
     """Supervised warm-up of the toy base student; saves it with `save_pretrained` at the end.
 
@@ -157,13 +229,13 @@ class WarmupModule(StudentSystem):
         """Save the trained base (rank 0)."""
         if self.trainer.is_global_zero:
             path = save_model(self.student, self.tokenizer, Path(self.hparams.save_dir))
-            print(f"Saved the toy base student to {path}")
+            print(f"Saved the base student to {path}")
 
 
-def load_or_build_toy_base(
+def load_or_build_base(
     path: str, experiment: str = "toy_base", overrides: dict | None = None
 ) -> str:
-    """The load-or-build step of the toy base student (``model.base`` in ``conf/model/tiny.yaml``).
+    """The load-or-build step of a warmed-up base (``model.base`` in ``conf/model/tiny.yaml``).
 
     When `path` holds no saved model, runs the warm-up experiment once (``python train.py
     experiment=toy_base`` with `overrides`, about 4 minutes on a laptop CPU), which saves the
@@ -184,7 +256,7 @@ def load_or_build_toy_base(
 
     target = Path(path)
     if (target / "config.json").is_file():
-        print(f"Toy base: loading {target}")
+        print(f"Base: loading {target}")
         return path
     args = [
         f"experiment={experiment}",
@@ -193,13 +265,13 @@ def load_or_build_toy_base(
     ]
     args += [f"{k}={v}" for k, v in _flatten(dict(overrides or {}))]
     command = f"python train.py {' '.join(args)}"
-    print(f"Toy base: {target} does not exist yet; building it once with `{command}`.")
+    print(f"Base: {target} does not exist yet; building it once with `{command}`.")
     if GlobalHydra.instance().is_initialized():  # inside train.py / evaluate: their config dir
         run(compose(config_name="train", overrides=args))
     else:
         with initialize_config_module("lightning_caopd.conf", version_base="1.3"):
             run(compose(config_name="train", overrides=args))
-    print(f"Toy base: cached at {target}")
+    print(f"Base: cached at {target}")
     return path
 
 

@@ -254,3 +254,18 @@ def test_paper_schedule_builds_from_the_preset(make_cfg, tmp_path):
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-5)
     sched = factory(optimizer=opt, total_steps=20)
     assert sched.lr_lambdas[0](0) == 0.0 and sched.lr_lambdas[0](2) == 1.0  # 2 warm-up steps
+
+
+def test_real_model_pair_differs_only_in_targets_and_shares_its_base(make_cfg, tmp_path):
+    opd, caopd = (make_cfg([f"experiment=smollm2_{m}"], tmp_path) for m in ("opd", "caopd"))
+    base = make_cfg(["experiment=smollm2_base"], tmp_path)
+    assert opd.model.path == caopd.model.path == base.method.save_dir  # built once, on first use
+    assert opd.model.base.experiment == "smollm2_base" and opd.model.lora is not None
+    assert opd.data.num_eval >= 300 and opd.eval.do_sample is False
+    methods = [OmegaConf.to_container(c.method, resolve=True) for c in (opd, caopd)]
+    for m in methods:
+        m.pop("name")
+    assert methods[0].pop("targets")["_target_"].endswith("ConfidenceTargets")
+    assert methods[1].pop("targets")["_target_"].endswith("CaOPD")
+    assert methods[0] == methods[1]
+    assert OmegaConf.to_container(opd.trainer) == OmegaConf.to_container(caopd.trainer)
