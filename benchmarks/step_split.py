@@ -11,7 +11,8 @@ timing each:
 - ``loss``: the divergence (with ``method.loss.fused``: the output heads, chunk by chunk);
 - ``backward`` and ``optimizer`` (the configured optimizer's step and ``zero_grad``).
 
-The first ``--warmup`` steps are not counted; the table gives medians over ``--steps``.
+The first ``--warmup`` steps are not counted; the table gives medians over ``--steps`` and
+``--out`` keeps them (JSON).
 
 Usage:
     python benchmarks/step_split.py experiment=smollm2_caopd
@@ -27,6 +28,7 @@ import os
 import statistics
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -96,6 +98,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--out", default="benchmarks/results/step_split.json")
     args = parser.parse_args()
     cfg, module, loader, opt = build(args.overrides)
     rows = []
@@ -114,18 +117,18 @@ def main() -> None:
     for p in PARTS:
         print(f"{p:<10} {median[p]:>9.2f} {median[p] / total:>6.0%}")
     print(f"{'step':<10} {total:>9.2f}")
-    r = cfg.method.rollout
-    print(
-        json.dumps(
-            {
-                "overrides": args.overrides,
-                "prompts": cfg.data.batch_size,
-                "k": r.num_rollouts,
-                "threads": torch.get_num_threads(),
-                "median_s": median,
-            }
-        )
-    )
+    result = {
+        "overrides": args.overrides,
+        "prompts": cfg.data.batch_size,
+        "k": cfg.method.rollout.num_rollouts,
+        "threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "median_s": median,
+        "per_step_s": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"Wrote {args.out}")
 
 
 if __name__ == "__main__":

