@@ -1,10 +1,12 @@
 """The warm-ups: supervised training of a base student (the toy base, the arithmetic base).
 
-The base learns three things: the answer format with a confidence line on every answer; the
+The toy base learns three things: the answer format with a confidence line on every answer; the
 ``next`` family and half of the ``prev`` family; and to use privileged context, that is, to
 copy a reference solution's answer and its stated confidence, with or without the CaOPD note.
 Its own confidences are noisy family-level guesses, so that their token entropy is high before
-distillation (the paper's entropy-collapse claim is measured against it).
+distillation (the paper's entropy-collapse claim is measured against it). The arithmetic base
+(SmolLM2-135M-Instruct, ``experiment=smollm2_base``) learns the same from the same recipe,
+`supervised_examples`: the answer and confidence format, and the teacher role.
 """
 
 from __future__ import annotations
@@ -192,12 +194,12 @@ def build_arith_dataset(
 
 
 class WarmupModule(StudentSystem):
-    """Supervised warm-up of the toy base student; saves it with `save_pretrained` at the end.
+    """Supervised warm-up of a base student; saves it with `save_pretrained` at the end.
 
     Args:
         student: the model to train.
         tokenizer: its tokenizer.
-        task: the toy task (for evaluation).
+        task: the task (for evaluation).
         optimizer: partial optimizer over the student's parameters.
         save_dir: where the trained base is written.
         scheduler: optional partial LR scheduler.
@@ -235,11 +237,13 @@ class WarmupModule(StudentSystem):
 def load_or_build_base(
     path: str, experiment: str = "toy_base", overrides: dict | None = None
 ) -> str:
-    """The load-or-build step of a warmed-up base (``model.base`` in ``conf/model/tiny.yaml``).
+    """The load-or-build step of a warmed-up base (``model.base`` of a model config).
 
+    ``conf/model/tiny.yaml`` (the toy base) and ``conf/model/smollm2_arith.yaml`` use it.
     When `path` holds no saved model, runs the warm-up experiment once (``python train.py
-    experiment=toy_base`` with `overrides`, about 4 minutes on a laptop CPU), which saves the
-    base there; later runs only load it. Prints what it does either way.
+    experiment=toy_base`` with `overrides`: about 4 minutes on a laptop CPU; ``smollm2_base``
+    about 8), which saves the base there; later runs only load it. Prints what it does either
+    way.
 
     Args:
         path: where the base lives (``model.path``).

@@ -36,6 +36,8 @@ class ArithWarmupDataModule(ToyWarmupDataModule):
     """
 
     def __init__(self, dataset, num_eval: int = 300, seed: int = 0, **kwargs):
-        super().__init__(dataset, num_eval=1, seed=seed, **kwargs)
-        check_int("data.num_eval", num_eval, 1)
-        self.eval_items = make_items(num_eval, seed, "eval")
+        super().__init__(dataset, num_eval=num_eval, seed=seed, **kwargs)
+
+    def make_eval_items(self, n: int, seed: int, world_seed: int) -> list[dict]:
+        """Held-out addition items (no world seed: sums are the same in every world)."""
+        return make_items(n, seed, "eval")

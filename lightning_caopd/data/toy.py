@@ -86,7 +86,11 @@ class ToyWarmupDataModule(ItemDataModule):
         check_int("data.world_seed", world_seed, 0)
         self.train_items = dataset
         self.seed = seed
-        self.eval_items = make_items(num_eval, seed, "eval", world_seed)
+        self.eval_items = self.make_eval_items(num_eval, seed, world_seed)
+
+    def make_eval_items(self, n: int, seed: int, world_seed: int) -> list[dict]:
+        """The held-out items the warmed-up base is scored on (toy items)."""
+        return make_items(n, seed, "eval", world_seed)
 
     def train_dataloader(self) -> DataLoader:
         """The supervised examples in length-grouped batches (`LengthGroupedBatches`)."""
