@@ -60,6 +60,9 @@ class ConfidenceTargets:
     """
 
     needs_p_acc: bool = False  # whether the policy needs K >= 2 rollouts per prompt
+    # whether a rollout with no privileged solution (SDPO: no successful sibling) stays in the
+    # loss, its teacher seeing the note alone
+    note_only_rows: bool = False
 
     def teacher_context(self, context: str, p_acc: float) -> str:
         """The privileged context the teacher sees for a prompt group."""
@@ -99,6 +102,10 @@ class CaOPD(ConfidenceTargets):
         replace_student: apply replacement (a).
         replace_context: apply replacement (b).
         add_note: apply replacement (c).
+        note_only_rows: on a per-rollout source (SDPO), a rollout with no successful sibling
+            stays in the loss, against a teacher whose context is the note alone (SDPO's
+            feedback-only reprompt, the note as the feedback). Without it a group with P_acc 0
+            leaves the loss and never learns to state 0. Needs ``add_note``.
     """
 
     confidence_format: str = "Confidence: {p_acc:.2f}"
@@ -106,7 +113,15 @@ class CaOPD(ConfidenceTargets):
     replace_student: bool = True
     replace_context: bool = True
     add_note: bool = True
+    note_only_rows: bool = False
     needs_p_acc = True
+
+    def __post_init__(self) -> None:
+        if self.note_only_rows and not self.add_note:
+            raise ValueError(
+                "method.targets.note_only_rows=true needs method.targets.add_note=true: a row "
+                "without a solution has only the note to tell its teacher P_acc."
+            )
 
     def check(self, num_rollouts: int) -> None:
         """CaOPD measures P_acc over the K rollouts of a prompt: K must be 2 or more."""

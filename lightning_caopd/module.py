@@ -101,15 +101,24 @@ class TeacherInputs:
 
     Attributes:
         prompts: B prompts (one context per group) or B*K (one per rollout, ``sdpo_sibling``).
-        rows: (B*K,) bool, the rollouts that count in the loss (False: no successful sibling).
+        rows: (B*K,) bool, the rollouts whose teacher sees a privileged solution (False: no
+            successful sibling).
+        note_rows: (B*K,) bool, rollouts without a sibling that still count in the loss, their
+            teacher seeing the CaOPD note alone (``targets.note_only_rows``).
         fallbacks: groups that fell back to the demonstration (``correct_solution``).
         n_cut: teacher prompts cut to ``max_prompt_length``.
     """
 
     prompts: list[list[int]]
     rows: torch.Tensor
+    note_rows: torch.Tensor
     fallbacks: int
     n_cut: int
+
+    @property
+    def in_loss(self) -> torch.Tensor:
+        """(B*K,) bool, the rollouts that count in the loss."""
+        return self.rows | self.note_rows
 
 
 class StudentSystem(L.LightningModule):
@@ -315,7 +324,7 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
         completions = self.targets.apply(roll.completions, p_acc, self.tokenizer)  # 3. targets
         teacher = self.teacher_prompts(batch, roll, correct, p_acc)  # 4. teacher inputs
         loss, per_token, mask, student_logits = self.divergence(  # 5. divergence
-            prompts, teacher.prompts, completions, teacher.rows
+            prompts, teacher.prompts, completions, teacher.in_loss
         )
         self.log_step(  # 6. log
             batch,
@@ -386,10 +395,12 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
         The template gives one context per group or one per rollout (SDPO), and the
         confidence-target policy rewrites each with its group's P_acc. A rollout without a
         context (no successful sibling) gets the student's own prompt as a placeholder and
-        leaves the loss (``rows``).
+        leaves the loss (``rows``), or, where the policy keeps such rows (``note_only_rows``),
+        gets a teacher prompt with the note alone and stays in the loss (``note_rows``).
         """
         k = self.rollout.num_rollouts
-        chats, rows, fallbacks = [], [], 0
+        chats, rows, note_rows, fallbacks = [], [], [], 0
+        note_only = self.targets.note_only_rows
         for b, item in enumerate(batch):
             group = slice(b * k, (b + 1) * k)
             contexts, fell_back = self.template.contexts(
@@ -400,20 +411,27 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
             note = self.targets.teacher_note(p)
             for context in contexts:  # one per group, or one per rollout
                 rows.extend([context is not None] * (k // len(contexts)))
-                chats.append(
-                    student_chat
-                    if context is None
-                    else self.template.messages(
-                        student_chat, self.targets.teacher_context(context, p), note
-                    )
-                )
+                note_rows.extend([context is None and note_only] * (k // len(contexts)))
+                if context is not None:
+                    context = self.targets.teacher_context(context, p)
+                    chats.append(self.template.messages(student_chat, context, note))
+                elif note_only:
+                    chats.append(self.template.note_only_messages(student_chat, note))
+                else:
+                    chats.append(student_chat)
         prompts, n_cut = encode_chats(
             self.tokenizer,
             chats,
             self.rollout.max_prompt_length,
             chat_template_kwargs=self.chat_template_kwargs,
         )
-        return TeacherInputs(prompts, torch.tensor(rows, dtype=torch.bool), fallbacks, n_cut)
+        return TeacherInputs(
+            prompts,
+            torch.tensor(rows, dtype=torch.bool),
+            torch.tensor(note_rows, dtype=torch.bool),
+            fallbacks,
+            n_cut,
+        )
 
     def divergence(
         self,
@@ -530,7 +548,7 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
             "train/truncated_frac": torch.tensor(roll.truncated, dtype=torch.float).mean(),
             "train/no_correct_solution_frac": torch.tensor(fallback_frac),
             # rollouts left out of the loss for want of a successful sibling (SDPO)
-            "train/sdpo_masked_frac": (~teacher.rows).float().mean(),
+            "train/sdpo_masked_frac": (~teacher.in_loss).float().mean(),
             "train/prompts_truncated": torch.tensor(float(n_cut + teacher.n_cut)),
             "train/rollouts_per_s": torch.tensor(n / elapsed),
             "train/tokens_per_s": torch.tensor(sum(len(c) for c in roll.completions) / elapsed),

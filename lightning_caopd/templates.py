@@ -10,7 +10,8 @@ Two sources of privileged context, as in the paper:
   first verified correct rollout of the same group other than the rollout itself, with
   ``<think>...</think>`` stripped and its confidence line replaced as above. A rollout is never
   its own context (SDPO's ``dont_reprompt_on_self_success``); a rollout without a successful
-  sibling gets no context and leaves the loss (``train/sdpo_masked_frac``).
+  sibling gets no context and leaves the loss (``train/sdpo_masked_frac``), unless the
+  confidence targets give its teacher the CaOPD note alone (`note_only_messages`).
 
 The student and teacher prompts share one chat template: the teacher's messages are the
 student's messages (system message kept) with the context appended to the last user turn.
@@ -59,12 +60,15 @@ class TeacherTemplate:
         note_format: how a non-empty note is inserted into ``{note}``.
         confidence_line: the confidence stated after the privileged solution (replacing any it
             states); None leaves the solution as written (the reference's science demo).
+        note_only_format: the teacher's last user turn when there is a note and no solution
+            (fields ``{prompt}`` and ``{note}``); None renders `user_format` with an empty context.
     """
 
     source: str = "demo"
     user_format: str = "Reference solution:\n{context}{note}\n\n{prompt}"
     note_format: str = "\n{note}"
     confidence_line: str | None = "Confidence: 1.00"
+    note_only_format: str | None = None
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -76,6 +80,12 @@ class TeacherTemplate:
             if field not in self.user_format:
                 raise ValueError(
                     f"`method.template.user_format` must contain {field}; got {self.user_format!r}."
+                )
+        for field in ("{prompt}", "{note}"):
+            if self.note_only_format is not None and field not in self.note_only_format:
+                raise ValueError(
+                    f"`method.template.note_only_format` must contain {field}; got "
+                    f"{self.note_only_format!r}."
                 )
 
     @property
@@ -151,11 +161,23 @@ class TeacherTemplate:
 
     def messages(self, student_messages: list[dict], context: str, note: str = "") -> list[dict]:
         """Teacher chat: the student's messages with the context in the last user turn."""
+        return self._last_user_as(student_messages, self.user_format, context=context, note=note)
+
+    def note_only_messages(self, student_messages: list[dict], note: str) -> list[dict]:
+        """Teacher chat with a note and no solution (`note_only_format`)."""
+        if self.note_only_format is None:
+            return self.messages(student_messages, "", note)
+        return self._last_user_as(student_messages, self.note_only_format, note=note)
+
+    def _last_user_as(
+        self, student_messages: list[dict], fmt: str, note: str, **fields
+    ) -> list[dict]:
+        """The student's messages with the last user turn rendered by `fmt`."""
         last_user = last_user_index(student_messages)
         out = [dict(m) for m in student_messages]
-        out[last_user]["content"] = self.user_format.format(
+        out[last_user]["content"] = fmt.format(
             prompt=student_messages[last_user]["content"],
-            context=context,
             note=self.note_format.format(note=note) if note else "",
+            **fields,
         )
         return out

@@ -247,6 +247,42 @@ def test_sdpo_step_masks_rollouts_without_a_successful_sibling_and_counts_them(c
     assert out["loss"].item() > 0 and out["loss"].requires_grad
 
 
+def test_caopd_sdpo_note_only_rows_stay_in_the_loss_with_the_note_as_their_context():
+    """``note_only_rows``: rollouts without a successful sibling train against the note alone."""
+    module = _module()
+    module.template = TeacherTemplate(
+        source="sdpo_sibling",
+        user_format=SDPO_FORMAT,
+        note_only_format="{prompt}{note}\n\nCorrectly solve the original question.",
+    )
+    module.targets = CaOPD(note_only_rows=True)
+    tok, batch = module.tokenizer, make_items(2, 0, "train", 0)
+    texts = [f"Answer: {batch[0]['answer']}\nConfidence: 0.5", "Answer: #", "Answer: #"]
+    texts += ["Answer: #"] * 3
+    roll = Rollouts([tok(t)["input_ids"] + [tok.eos_token_id] for t in texts], texts, [False] * 6)
+    correct, p_acc = module.verify(batch, texts)
+    teacher = module.teacher_prompts(batch, roll, correct, p_acc)
+    assert teacher.rows.tolist() == [False, True, True] + [False] * 3  # a sibling as context
+    assert teacher.note_rows.tolist() == [True, False, False] + [True] * 3
+    assert teacher.in_loss.all()
+    question = batch[1]["messages"][-1]["content"]
+    for i, p in [(0, "0.33"), (3, "0.00")]:  # the success itself, and a group without one
+        text = tok.decode(teacher.prompts[i])
+        assert (
+            f"{question if i else batch[0]['messages'][-1]['content']}\nEmpirical confidence:"
+            in text
+        )
+        assert f"Empirical confidence: {p}. Output it.\n\nCorrectly solve" in text
+        assert "Correct solution:" not in text
+    logged_stats = {}
+    module.log_dict = lambda d, **kw: logged_stats.update(d)
+    module.sample_rollouts = lambda prompts: roll
+    module.training_step(batch, 0)
+    assert logged_stats["train/sdpo_masked_frac"].item() == 0
+    with pytest.raises(ValueError, match="add_note=true"):
+        CaOPD(note_only_rows=True, add_note=False)
+
+
 @pytest.mark.slow
 def test_smollm2_two_steps_fused_give_the_losses_of_unfused(smollm2_cache, tmp_path):
     """SmolLM2-135M (V = 49,152, tied head) trained 2 steps on the toy task, fused and not.

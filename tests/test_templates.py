@@ -96,6 +96,24 @@ def test_sdpo_prompt_is_the_question_then_the_sibling_then_the_instruction():
     )
 
 
+def test_note_only_prompt_is_the_feedback_reprompt_or_the_user_format_without_context():
+    student = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q?"}]
+    feedback = TeacherTemplate(
+        source="sdpo_sibling",
+        user_format=SDPO_FORMAT,
+        note_only_format="{prompt}{note}\n\nCorrectly solve the original question.",
+    )
+    msgs = feedback.note_only_messages(student, "NOTE")
+    assert msgs[0] == student[0]
+    assert msgs[1]["content"] == "Q?\nNOTE\n\nCorrectly solve the original question."
+    toy = TeacherTemplate(source="sdpo_sibling")  # no note_only_format: the context left empty
+    assert toy.note_only_messages(student, "NOTE")[1]["content"] == (
+        "Reference solution:\n\nNOTE\n\nQ?"
+    )
+    with pytest.raises(ValueError, match=r"note_only_format` must contain \{note\}"):
+        TeacherTemplate(note_only_format="{prompt} only")
+
+
 def test_thinking_is_stripped_from_the_sibling():
     assert strip_thinking("<think>a\nb</think>\nAnswer: x") == "Answer: x"
     assert strip_thinking("x <think>1</think> y <think>2</think>z") == "x y z"
