@@ -31,7 +31,7 @@ from lightning_caopd.confidence import answer_confidence_tokens, decode_all, par
 from lightning_caopd.data.base import check_int
 from lightning_caopd.errors import NonFiniteError
 from lightning_caopd.files import atomic_write_text
-from lightning_caopd.loggers import log_histogram, log_image, log_rollouts, takes_media
+from lightning_caopd.loggers import log_histogram, log_image, log_rollouts, logs_step, takes_media
 from lightning_caopd.metrics.plot import reliability_image, save_reliability_png
 from lightning_caopd.models import AdapterDisabledTeacher
 from lightning_caopd.scoring import token_entropy
@@ -216,7 +216,8 @@ class NonFiniteGuard(Callback):
             optimizer.zero_grad(set_to_none=True)
         self.streak = 0 if finite else self.streak + 1
         self.total += not finite
-        pl_module.log("train/skipped_nonfinite", float(self.total))
+        if logs_step(trainer, trainer.global_step):
+            pl_module.log("train/skipped_nonfinite", float(self.total))
         if self.max_consecutive is not None and self.streak >= self.max_consecutive:
             raise NonFiniteError(
                 f"Stopped at optimizer step {trainer.global_step}: the loss or the gradients "
@@ -247,8 +248,19 @@ def all_finite(params) -> bool:
     return bool(torch.isfinite(torch.stack(peaks)).all()) if peaks else True
 
 
-class RolloutEntropy(Callback):
-    """``train/answer_entropy`` and ``train/confidence_entropy`` every step.
+class StepAware(Callback):
+    """Remembers the optimizer step a training batch belongs to (as ``train/loss``)."""
+
+    _step = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: D102
+        self._step = trainer.global_step
+
+
+class RolloutEntropy(StepAware):
+    """``train/answer_entropy`` and ``train/confidence_entropy`` at the logged steps.
+
+    Computed only at the steps whose scalars reach the loggers (``trainer.log_every_n_steps``).
 
     The student's token entropy (nats) on its rollouts' answer and confidence tokens; the
     paper's entropy collapse shows in the second. Read from the step's (B*K, T, V) student
@@ -259,8 +271,8 @@ class RolloutEntropy(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
         out = step_outputs(outputs)
-        if out is None or out.logits is None:
-            return  # not a distillation step, or a fused one (no student logits)
+        if out is None or out.logits is None or not logs_step(trainer, self._step):
+            return  # not a distillation step, a fused one (no student logits), or not logged
         stats = rollout_entropies(out.logits, out.completions, pl_module.tokenizer)
         if stats:
             pl_module.log_dict(
@@ -309,7 +321,7 @@ def rollout_entropies(
     return out
 
 
-class EveryNSteps(Callback):
+class EveryNSteps(StepAware):
     """Acts on a distillation step's outputs every `every` optimizer steps (0, N, 2N, ...).
 
     Once per optimizer step (not per micro-batch), at the step the rollouts belong to (as
@@ -322,11 +334,7 @@ class EveryNSteps(Callback):
 
     def __init__(self, every: int) -> None:
         self.every = every
-        self._step = 0
         self._last_step = -1
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: D102
-        self._step = trainer.global_step  # the step the rollouts belong to (as train/loss)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
         step, out = self._step, step_outputs(outputs)
@@ -403,12 +411,15 @@ def rollout_rows(
     ]
 
 
-class PAccHistogram(Callback):
-    """A histogram of the step's P_acc (one value per prompt) for W&B and TensorBoard."""
+class PAccHistogram(StepAware):
+    """A histogram of the step's P_acc (one value per prompt) for W&B and TensorBoard.
+
+    At the steps whose scalars reach the loggers (``trainer.log_every_n_steps``).
+    """
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
         out = step_outputs(outputs)
-        if out is not None and takes_media(trainer.loggers):
+        if out is not None and takes_media(trainer.loggers) and logs_step(trainer, self._step):
             log_histogram(trainer.loggers, "train/p_acc", out.p_acc.cpu(), trainer.global_step)
 
 

@@ -19,6 +19,18 @@ ROLLOUT_COLUMNS = ["step", "prompt", "completion", "answer", "confidence", "corr
 ROLLOUTS_CSV = "rollouts.csv"
 
 
+def logs_step(trainer, step: int) -> bool:
+    """Whether the loggers get what optimizer step `step` (0-based) logs.
+
+    Lightning sends the logged values to the loggers after every `trainer.log_every_n_steps`-th
+    optimizer step (steps n - 1, 2n - 1, ...; its logger connector's ``should_update_logs``);
+    what is logged at another step reaches no logger, so the per-step scalars are computed and
+    logged only here.
+    """
+    n = trainer.log_every_n_steps
+    return bool(trainer.fast_dev_run or trainer.should_stop or (n > 0 and (step + 1) % n == 0))
+
+
 def takes_media(loggers: list[Logger]) -> bool:
     """Whether any of `loggers` shows images and histograms (W&B, TensorBoard)."""
     return any(isinstance(lg, WandbLogger | TensorBoardLogger) for lg in loggers)

@@ -33,6 +33,7 @@ from lightning_caopd.divergence import (
 )
 from lightning_caopd.engines import HFEngine, RolloutEngine
 from lightning_caopd.errors import ConfigError
+from lightning_caopd.loggers import logs_step
 from lightning_caopd.models import (
     AdapterDisabledTeacher,
     causal_lm,
@@ -535,7 +536,17 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
     def log_step(
         self, batch, roll, correct, p_acc, loss, per_token, mask, teacher, n_cut, elapsed
     ) -> None:
-        """The step's scalars: loss, divergence, rollout accuracy, P_acc, format, throughput."""
+        """The step's scalars: loss, divergence, rollout accuracy, P_acc, format, throughput.
+
+        Only at the steps whose logged values reach the loggers (``trainer.log_every_n_steps``,
+        `logs_step`); a step called without a Trainer computes them (``self.log`` is then a
+        no-op).
+        """
+        try:
+            if not logs_step(self.trainer, self.global_step):
+                return
+        except RuntimeError:  # not attached to a Trainer
+            pass
         n = len(roll.texts)
         fallback_frac = teacher.fallbacks / len(batch)
         formatted = [parse_confidence(t) is not None for t in roll.texts]

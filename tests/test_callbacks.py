@@ -208,6 +208,35 @@ def test_teacher_success_logs_every_n_steps_and_leaves_the_student_rollouts_alon
     assert on_result == json.loads((tmp_path / "off" / "metrics.json").read_text())
 
 
+def test_step_scalars_are_computed_and_logged_every_log_every_n_steps(
+    toy_base, tiny_overrides, make_cfg, tmp_path, monkeypatch
+):
+    """`trainer.log_every_n_steps=3`: the step's scalars, the rollout entropies and the guard's
+    count at steps 2 and 5 only (where Lightning writes), with the values of a run logging all."""
+    calls = []
+    entropies = callbacks.rollout_entropies
+    monkeypatch.setattr(callbacks, "rollout_entropies", lambda *a: calls.append(1) or entropies(*a))
+    overrides = [
+        "experiment=caopd",
+        f"model.path={toy_base}",
+        *tiny_overrides,
+        "trainer.max_steps=6",
+        "eval.teacher_conditioned=false",
+        "+callbacks.entropy._target_=lightning_caopd.callbacks.RolloutEntropy",
+    ]
+    run(make_cfg([*overrides, "trainer.log_every_n_steps=1"], tmp_path / "every"))
+    run(make_cfg([*overrides, "trainer.log_every_n_steps=3"], tmp_path / "third"))
+    assert len(calls) == 6 + 2  # computed only at the steps that are logged
+    keys = ("train/loss", "train/p_acc_mean", "train/answer_entropy", "train/skipped_nonfinite")
+    for key in keys:
+        every, third = _by_step(tmp_path / "every", key), _by_step(tmp_path / "third", key)
+        assert list(every) == list(range(6)) and list(third) == [2, 5], key
+        assert third == {step: every[step] for step in (2, 5)}, key
+    assert (tmp_path / "every" / "metrics.json").read_text() == (
+        tmp_path / "third" / "metrics.json"
+    ).read_text()
+
+
 def test_teacher_success_rejects_bad_options():
     out_of_range = r"every_n_steps=0 is out of range: it must be an integer >= 1"
     with pytest.raises(ValueError, match=out_of_range):

@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -142,13 +143,14 @@ def test_fused_step_returns_no_logits_and_rollout_entropy_skips_it():
     assert out["step"].logits is None and out["loss"].requires_grad
     logged_keys = []
     module.log_dict = lambda d, **kw: logged_keys.extend(d)  # what the callback would log
-    RolloutEntropy().on_train_batch_end(None, module, out, None, 0)
+    trainer = SimpleNamespace(log_every_n_steps=1, fast_dev_run=False, should_stop=False)
+    RolloutEntropy().on_train_batch_end(trainer, module, out, None, 0)
     assert logged_keys == []
     module = _module()
     torch.manual_seed(0)
     out = module.training_step(make_items(2, 0, "train", 0), 0)
     module.log_dict = lambda d, **kw: logged_keys.extend(d)
-    RolloutEntropy().on_train_batch_end(None, module, out, None, 0)
+    RolloutEntropy().on_train_batch_end(trainer, module, out, None, 0)
     assert "train/answer_entropy" in logged_keys or "train/confidence_entropy" in logged_keys
 
 
@@ -334,6 +336,7 @@ def test_smollm2_caopd_builds_its_arithmetic_base_on_first_use(smollm2_cache, tm
         "+model.base.overrides.trainer.max_steps=2",
         "+model.base.overrides.data={dataset: {n: 24}, num_eval: 3, eval_batch_size: 3}",
         "trainer.max_steps=1",
+        "trainer.log_every_n_steps=1",
         "data.num_train=4",
         "data.num_eval=3",
         "data.batch_size=1",
