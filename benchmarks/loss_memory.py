@@ -46,6 +46,9 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # in the chunked path; only used to decide whether a run is safe to launch.
 UNCHUNKED_TEMPS = 8
 CHUNK_TEMPS = 10
+# The unfused path at its peak, in (N, T, V) float32 tensors: 8.25 measured at 8 x 256 and
+# V = 151,936 (9.57 GiB of growth; benchmarks/results/loss_memory_fused_vs_unfused_8x256.json).
+UNFUSED_TENSORS = 8.5
 # Per chunk row in the fused path: both models' logits and log-probs plus the local autograd's
 # saved tensors and gradient.
 FUSED_CHUNK_TEMPS = 12
@@ -184,10 +187,11 @@ def estimate_peak_bytes(n_seq: int, n_pos: int, args: argparse.Namespace, mode: 
     """Rough peak RSS of a child (inputs + temporaries + gradient + ~0.5 GiB of runtime)."""
     elems = n_seq * n_pos * args.vocab
     inputs_and_grad = 3 * elems * BYTES[args.dtype]
-    if mode == "unfused":  # the unchunked path plus the inputs and gradients of the heads
+    if mode == "unfused":  # the projected logits and the unchunked path's temporaries, plus the
+        # heads' inputs (their gradients are among the measured tensors)
         hidden, head = n_seq * n_pos * args.hidden, args.vocab * args.hidden
-        heads = 3 * (hidden + head) * BYTES[args.dtype]
-        return inputs_and_grad + UNCHUNKED_TEMPS * elems * 4 + heads + GIB // 2
+        heads = (hidden + head) * BYTES[args.dtype]
+        return int(UNFUSED_TENSORS * elems * 4) + heads + GIB // 2
     if mode == "fused":
         hidden, head = n_seq * n_pos * args.hidden, args.vocab * args.hidden
         # Inputs and gradients of hidden states and weights, plus the float32 weight accumulator.

@@ -369,6 +369,7 @@ def main() -> None:
         torch.manual_seed(0)
         steps[name] = CONTESTANTS[name](args, model_dir, items)
     medians: dict[str, list[float]] = {n: [] for n in names}
+    means: dict[str, list[float]] = {n: [] for n in names}  # logging steps count here
     for r in range(args.rounds):
         for name in names:  # interleaved: every contestant once per round
             torch.manual_seed(r)
@@ -382,21 +383,34 @@ def main() -> None:
                     if i >= args.warmup:
                         times.append(time.perf_counter() - t0)
             medians[name].append(statistics.median(times))
-            print(f"  round {r}: {name} {medians[name][-1]:.3f} s/step", flush=True)
+            means[name].append(statistics.fmean(times))
+            print(
+                f"  round {r}: {name} {medians[name][-1]:.3f} s/step (mean {means[name][-1]:.3f})",
+                flush=True,
+            )
 
     result = {n: statistics.median(v) for n, v in medians.items()}
+    mean_result = {n: statistics.median(v) for n, v in means.items()}
     ref = result.get("caopd")
     print(
         f"\ncase={args.case}: {args.prompts} prompts x K={args.k} x {args.new_tokens} new tokens, "
         "fp32, "
         f"{args.threads} threads, median of {args.rounds} round medians ({args.steps} steps each)"
     )
-    print("| contestant | s/step | x caopd | caopd / it |")
-    print("|---|---|---|---|")
+    print("(mean s/step: the median over rounds of each round's mean step, logging steps included)")
+    print("| contestant | s/step | mean s/step | x caopd | caopd / it |")
+    print("|---|---|---|---|---|")
     for n, v in result.items():
         rel = f"{v / ref:.2f}" if ref else "n/a"
         inv = f"{ref / v:.2f}" if ref else "n/a"
-        print(f"| {n} | {v:.3f} | {rel} | {inv} |")
+        print(f"| {n} | {v:.3f} | {mean_result[n]:.3f} | {rel} | {inv} |")
+    paired = {  # the same round's contestants shared the machine's state: their ratio is steadier
+        f"{a}/{b}": statistics.median(x / y for x, y in zip(medians[a], medians[b], strict=True))
+        for a, b in (("caopd_fit", "caopd"), ("caopd_fit", "sdft"), ("caopd", "sdft"))
+        if a in medians and b in medians
+    }
+    for pair, ratio in paired.items():
+        print(f"{pair}: {ratio:.3f} (median of the per-round ratios)")
     import transformers
 
     meta = {
@@ -415,7 +429,17 @@ def main() -> None:
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"step_time_{args.case}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
-        json.dumps({"meta": meta, "round_medians": medians, "median_s": result}, indent=2)
+        json.dumps(
+            {
+                "meta": meta,
+                "round_medians": medians,
+                "round_means": means,
+                "median_s": result,
+                "mean_s": mean_result,
+                "paired_ratio_median": paired,
+            },
+            indent=2,
+        )
     )
     print(f"Wrote {out}")
 

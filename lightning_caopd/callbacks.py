@@ -210,7 +210,9 @@ class NonFiniteGuard(Callback):
         self._loss_finite = self._loss_finite and bool(torch.isfinite(loss).all())
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # noqa: D102
-        finite = self._loss_finite and all_finite(pl_module.parameters())
+        # the optimizer's parameters: walking the module tree (teacher, metrics) costs more
+        params = (p for group in optimizer.param_groups for p in group["params"])
+        finite = self._loss_finite and all_finite(params)
         self._loss_finite = True
         if not finite:
             optimizer.zero_grad(set_to_none=True)
