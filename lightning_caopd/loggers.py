@@ -24,8 +24,8 @@ def logs_step(trainer, step: int) -> bool:
 
     Lightning sends the logged values to the loggers after every `trainer.log_every_n_steps`-th
     optimizer step (steps n - 1, 2n - 1, ...; its logger connector's ``should_update_logs``);
-    what is logged at another step reaches no logger, so the per-step scalars are computed and
-    logged only here.
+    what is logged at another step reaches no logger, so the step's scalars and the callbacks'
+    per-step values are computed and logged only at these steps.
     """
     n = trainer.log_every_n_steps
     return bool(trainer.fast_dev_run or trainer.should_stop or (n > 0 and (step + 1) % n == 0))
