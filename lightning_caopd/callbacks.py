@@ -25,7 +25,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, RichProgressBar
 
 from lightning_caopd.confidence import answer_confidence_tokens, decode_all, parse_confidence
 from lightning_caopd.data.base import check_int
@@ -248,6 +248,19 @@ def all_finite(params) -> bool:
     """
     peaks = [p.grad.abs().amax() for p in params if p.grad is not None]
     return bool(torch.isfinite(torch.stack(peaks)).all()) if peaks else True
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, labelled for runs bounded by ``trainer.max_steps``.
+
+    With ``max_epochs=-1`` Lightning's label reads "Epoch 0/-2"; this one reads "Training" (the
+    bar counts the steps).
+    """
+
+    def _get_train_description(self, current_epoch: int) -> str:  # Lightning's label hook
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs < 0:
+            return f"{'Training':{len(self.validation_description)}}"
+        return super()._get_train_description(current_epoch)
 
 
 class StepAware(Callback):

@@ -7,6 +7,7 @@ import doctest
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -44,6 +45,14 @@ def test_entropies_split_answer_and_confidence_tokens():
     assert out["train/confidence_entropy"] == pytest.approx(0.0, abs=1e-4)
     only_answers = rollout_entropies(logits[1:], [ids[: text.index("\n")]], tok)
     assert "train/confidence_entropy" not in only_answers
+
+
+def test_progress_bar_of_a_step_bounded_run_reads_training_not_epoch_0_of_minus_2():
+    bar = callbacks.StepProgressBar()
+    bar._trainer = SimpleNamespace(max_epochs=-1)  # runs bounded by trainer.max_steps
+    assert bar._get_train_description(0).strip() == "Training"
+    bar._trainer = SimpleNamespace(max_epochs=3)
+    assert bar._get_train_description(1).strip() == "Epoch 1/2"
 
 
 def test_tracker_rejects_bad_options():
