@@ -143,7 +143,16 @@ class StudentExport(Callback):
             save_model(pl_module.student, pl_module.tokenizer, self.output_dir / STUDENT_DIR)
 
 
-class TeacherEMA(Callback):
+class StepAware(Callback):
+    """Remembers the optimizer step a training batch belongs to (as ``train/loss``)."""
+
+    _step = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: D102
+        self._step = trainer.global_step
+
+
+class TeacherEMA(StepAware):
     """teacher <- (1 - rate) * teacher + rate * student after every optimizer step.
 
     With gradient accumulation the teacher moves once per optimizer step, as in the paper's
@@ -157,7 +166,6 @@ class TeacherEMA(Callback):
         if not isinstance(rate, int | float) or not 0.0 <= rate <= 1.0:
             raise ValueError(f"callbacks.teacher_ema.rate={rate!r} must be a number in [0, 1].")
         self.rate = rate
-        self._step_at_start = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
         if self.rate > 0 and isinstance(
@@ -170,11 +178,8 @@ class TeacherEMA(Callback):
                 "or model.lora=null."
             )
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: D102
-        self._step_at_start = trainer.global_step
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
-        if self.rate == 0 or trainer.global_step == self._step_at_start:
+        if self.rate == 0 or trainer.global_step == self._step:
             return  # frozen teacher, or a micro-batch without an optimizer step
         if not any(p.grad is not None for p in pl_module.student.parameters()):
             return  # the step was skipped (NonFiniteGuard dropped the gradients)
@@ -261,15 +266,6 @@ class StepProgressBar(RichProgressBar):
         if self.trainer.max_epochs is not None and self.trainer.max_epochs < 0:
             return f"{'Training':{len(self.validation_description)}}"
         return super()._get_train_description(current_epoch)
-
-
-class StepAware(Callback):
-    """Remembers the optimizer step a training batch belongs to (as ``train/loss``)."""
-
-    _step = 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: D102
-        self._step = trainer.global_step
 
 
 class RolloutEntropy(StepAware):
