@@ -267,13 +267,10 @@ def test_caopd_sdpo_note_only_rows_stay_in_the_loss_with_the_note_as_their_conte
     assert teacher.rows.tolist() == [False, True, True] + [False] * 3  # a sibling as context
     assert teacher.note_rows.tolist() == [True, False, False] + [True] * 3
     assert teacher.in_loss.all()
-    question = batch[1]["messages"][-1]["content"]
-    for i, p in [(0, "0.33"), (3, "0.00")]:  # the success itself, and a group without one
+    # the success itself, and a group without one
+    for i, item, p in [(0, batch[0], "0.33"), (3, batch[1], "0.00")]:
         text = tok.decode(teacher.prompts[i])
-        assert (
-            f"{question if i else batch[0]['messages'][-1]['content']}\nEmpirical confidence:"
-            in text
-        )
+        assert f"{item['messages'][-1]['content']}\nEmpirical confidence:" in text
         assert f"Empirical confidence: {p}. Output it.\n\nCorrectly solve" in text
         assert "Correct solution:" not in text
     logged_stats = {}
