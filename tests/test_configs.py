@@ -269,3 +269,23 @@ def test_real_model_pair_differs_only_in_targets_and_shares_its_base(make_cfg, t
     assert methods[1].pop("targets")["_target_"].endswith("CaOPD")
     assert methods[0] == methods[1]
     assert OmegaConf.to_container(opd.trainer) == OmegaConf.to_container(caopd.trainer)
+
+
+@pytest.mark.parametrize(
+    "experiment, method", [("sdpo_tooluse", "sdpo"), ("caopd_sdpo_tooluse", "caopd_sdpo")]
+)
+def test_tooluse_sdpo_presets_run_sdpo_as_its_method_preset_defines_it(
+    experiment, method, make_cfg, tmp_path
+):
+    # opd_tooluse (via opd_science) sets SDFT's template and loss; the SDPO presets put SDPO's back
+    cfg = make_cfg([f"experiment={experiment}", "data.path=x"], tmp_path)
+    preset = make_cfg([f"method={method}"], tmp_path / "preset").method
+    m = cfg.method
+    assert m.template == preset.template and m.targets.keys() == preset.targets.keys()
+    assert (m.loss.divergence, m.loss.jsd_beta, m.loss.topk) == ("jsd", 0.5, 100)
+    assert m.loss.divergence == preset.loss.divergence and m.loss.topk == preset.loss.topk
+    assert cfg.callbacks.teacher_ema.rate == 0.05
+    assert cfg.data.task._target_.endswith("ToolUseTask") and m.optimizer.lr == 2e-5
+    assert m.targets._target_.endswith("CaOPD") == experiment.startswith("caopd")
+    if experiment.startswith("caopd"):
+        assert m.targets.note_only_rows and m.targets.note.startswith("Note: The empirical")
