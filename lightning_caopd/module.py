@@ -40,6 +40,7 @@ from lightning_caopd.models import (
     make_teacher,
     run_body,
 )
+from lightning_caopd.readout import check_readout
 from lightning_caopd.rollout import (
     Rollouts,
     build_batch,
@@ -59,6 +60,7 @@ EVAL_DEFAULTS = {
     "do_sample": False,
     "temperature": 1.0,
     "teacher_conditioned": True,
+    "confidence_readout": "greedy",
 }
 FUSED_CHUNK_SIZE = 256  # positions per chunk of the fused divergence when loss.chunk_size is null
 
@@ -138,8 +140,10 @@ class StudentSystem(L.LightningModule):
         scheduler: an optional partial LR scheduler over the optimizer (stepped per step).
         eval: generation options of the evaluation (``max_new_tokens``, ``do_sample``,
             ``temperature``, ``max_prompt_length``), ``scoring``: ``default`` or
-            ``reference`` (the released CaOPD scorer's confidence parsing and ECE bins), and
-            ``teacher_conditioned`` (`DistillationModule` only: also score the teacher).
+            ``reference`` (the released CaOPD scorer's confidence parsing and ECE bins),
+            ``confidence_readout``: ``greedy`` (the confidence as written) or ``expected``
+            (`lightning_caopd.readout`), and ``teacher_conditioned`` (`DistillationModule`
+            only: also score the teacher).
         chat_template_kwargs: keyword arguments of every chat-template call (student,
             teacher, evaluation), from ``model.chat_template_kwargs``.
     """
@@ -160,6 +164,7 @@ class StudentSystem(L.LightningModule):
         self.student, self.tokenizer, self.task = student.train(), tokenizer, task
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.eval_cfg = {**EVAL_DEFAULTS, **(eval or {})}
+        check_readout(self.eval_cfg["confidence_readout"], self.eval_cfg.get("scoring", "default"))
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.val_scores = EvalScores(list(task.categories), self.eval_cfg.get("scoring", "default"))
         # counted before any strategy shards the weights; with LoRA, base and adapter together
@@ -212,6 +217,7 @@ class StudentSystem(L.LightningModule):
             scoring=self.eval_cfg.get("scoring", "default"),
             chat_template_kwargs=self.chat_template_kwargs,
             chats=chats,
+            confidence_readout=self.eval_cfg["confidence_readout"],
         )
 
     def validation_step(self, batch: list[dict], batch_idx: int) -> None:  # noqa: D102
@@ -235,6 +241,7 @@ class StudentSystem(L.LightningModule):
             )
         self.log_dict(scalars, sync_dist=False)  # already synced by the metrics
         result["n_parameters"] = self.n_parameters  # metrics.json only: no curve to draw
+        result["confidence_readout"] = self.eval_cfg["confidence_readout"]  # how it was read
 
 
 class DistillationModule(TeacherDiagnostics, StudentSystem):

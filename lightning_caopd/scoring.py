@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_caopd.confidence import PARSERS, answer_confidence_tokens
 from lightning_caopd.metrics import CalibrationMetrics
+from lightning_caopd.readout import expected_confidences
 from lightning_caopd.rollout import build_batch, completion_logits, encode_chats, sample
 from lightning_caopd.tasks.base import Task
 
@@ -82,6 +83,7 @@ def evaluate_items(
     scoring: str = "default",
     chat_template_kwargs: dict | None = None,
     chats: list[list[dict]] | None = None,
+    confidence_readout: str = "greedy",
 ) -> EvalBatch:
     """Answer `items` and score every answer and confidence.
 
@@ -92,6 +94,9 @@ def evaluate_items(
     or ``reference`` (the released CaOPD scorer's rules; its confidences are kept in float64,
     as the reference's numpy arrays are, so its bins see the same values).
     `chat_template_kwargs` go to every chat-template call (e.g. ``enable_thinking=False``).
+    `confidence_readout` ``expected`` replaces each stated confidence by the mean of the
+    model's confidence distribution after its answer (`lightning_caopd.readout`); the records
+    keep the written one as ``confidence_greedy``.
     """
     prompts, n_cut = encode_chats(
         tokenizer,
@@ -109,6 +114,9 @@ def evaluate_items(
         )
     roll = sample(model, tokenizer, prompts, 1, max_new_tokens, temperature, do_sample=do_sample)
     conf = parse_confidences(roll.texts, scoring)
+    written = conf
+    if confidence_readout == "expected":
+        conf, mass = expected_confidences(model, tokenizer, prompts, roll.completions, roll.texts)
     correct = torch.tensor([task.verify(t, it) for t, it in zip(roll.texts, items, strict=True)])
     cats = list(task.categories)
     category = torch.tensor(
@@ -139,6 +147,9 @@ def evaluate_items(
                 "truncated": roll.truncated[i],
             }
         )
+        if confidence_readout == "expected":
+            records[-1]["confidence_greedy"] = None if written[i].isnan() else written[i].item()
+            records[-1]["confidence_grid_mass"] = None if mass[i].isnan() else mass[i].item()
     return EvalBatch(conf, correct, category, (a_sum, int(a_n)), (c_sum, int(c_n)), records)
 
 

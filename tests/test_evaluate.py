@@ -37,6 +37,7 @@ def test_evaluation_entry_point_writes_metrics_and_diagram(split, n, tiny_dir, m
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written["n"] == n == result["n"] and written["run"]["split"] == split
     assert {"accuracy", "ece", "brier", "spr", "by_category"} <= written.keys()
+    assert written["confidence_readout"] == "greedy"  # how the confidences were read
     assert (tmp_path / "reliability.png").stat().st_size > 10_000
     records = (tmp_path / "completions.jsonl").read_text().splitlines()
     assert len(records) == n
