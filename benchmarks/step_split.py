@@ -1,21 +1,27 @@
-"""Where a training step's time goes: rollouts, teacher, student, loss, backward, optimizer.
+"""Where a training step's time goes: sync, rollouts, teacher, student, loss, backward, optimizer.
 
 Builds the module of any experiment exactly as ``train.py`` does (``runner.build``; a base built
 on first use) and runs its step's parts by hand on the experiment's own training batches,
 timing each:
 
-- ``rollouts``: the student's prompts encoded, K samples per prompt (KV-cached), verified, the
-  confidence targets applied and the teacher's prompts built;
+- ``sync``: the rollout engine's weight sync, once per step as in training (the ``hf`` engine
+  takes a reference; vLLM loads the student's full weights, LoRA merged);
+- ``rollouts``: the student's prompts encoded, K samples per prompt, verified, the confidence
+  targets applied and the teacher's prompts built;
 - ``teacher``: the frozen teacher's forward on the completions, with its privileged context;
 - ``student``: the student's forward on its own prompts + completions (with gradients);
-- ``loss``: the divergence (with ``method.loss.fused``: the output heads, chunk by chunk);
+- ``loss``: the divergence (with ``method.loss.fused``: the output heads, chunk by chunk) and,
+  for vLLM's rollouts, the importance weights;
 - ``backward`` and ``optimizer`` (the configured optimizer's step and ``zero_grad``).
 
-The first ``--warmup`` steps are not counted; the table gives medians over ``--steps`` and
-``--out`` keeps them (JSON).
+``--engines hf vllm`` builds one module per engine (``method/engine=<name>``) and interleaves
+their steps on the same batches (the order alternating from step to step); the table gives each
+engine's medians and the median of the per-step ratios to the first engine. The first
+``--warmup`` steps are not counted; ``--out`` keeps everything (JSON).
 
 Usage:
     python benchmarks/step_split.py experiment=smollm2_caopd
+    python benchmarks/step_split.py experiment=smollm2_opd --engines hf vllm --steps 6
     python benchmarks/step_split.py experiment=caopd --steps 5
 """
 
@@ -32,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-PARTS = ("rollouts", "teacher", "student", "loss", "backward", "optimizer")
+PARTS = ("sync", "rollouts", "teacher", "student", "loss", "backward", "optimizer")
 
 
 def build(overrides: list[str]):
@@ -75,14 +81,20 @@ def timed_parts(module, times: dict[str, float]) -> None:
 def step(module, batch: list[dict], opt, times: dict[str, float]) -> None:
     """One training step in the order `DistillationModule.training_step` takes, timed by part."""
     start = time.perf_counter()
+    module.engine.sync_weights(module.student)  # training syncs once per optimizer step
+    times["sync"] += time.perf_counter() - start
+    start = time.perf_counter()
     batch, prompts, _ = module.student_prompts(batch)
-    roll = module.sample_rollouts(prompts)
+    r = module.rollout
+    roll = module.engine.sample(prompts, r.num_rollouts, r.max_new_tokens, r.temperature, r.top_p)
     correct, p_acc = module.verify(batch, roll.texts)
-    completions = module.targets.apply(roll.completions, p_acc, module.tokenizer)
+    completions = module.targets.apply(
+        roll.completions, p_acc, module.tokenizer, module.engine.stop_ids
+    )
     teacher = module.teacher_prompts(batch, roll, correct, p_acc)
     times["rollouts"] += time.perf_counter() - start
     start = time.perf_counter()
-    loss = module.divergence(prompts, teacher.prompts, completions, teacher.rows)[0]
+    loss = module.divergence(prompts, teacher.prompts, completions, teacher.in_loss, roll)[0]
     times["loss"] += time.perf_counter() - start - times["teacher"] - times["student"]
     start = time.perf_counter()
     loss.backward()
@@ -93,36 +105,70 @@ def step(module, batch: list[dict], opt, times: dict[str, float]) -> None:
     times["optimizer"] += time.perf_counter() - start
 
 
+def table(name: str, rows: list[dict]) -> dict[str, float]:
+    """Print one engine's per-part medians and shares; return the medians (with ``step``)."""
+    median = {p: statistics.median(r.get(p, 0.0) for r in rows) for p in PARTS}
+    median["step"] = statistics.median(sum(r.get(p, 0.0) for p in PARTS) for r in rows)
+    print(f"\n{name}\n{'part':<10} {'median s':>9} {'share':>6}")
+    for p in PARTS:
+        print(f"{p:<10} {median[p]:>9.2f} {median[p] / median['step']:>6.0%}")
+    print(f"{'step':<10} {median['step']:>9.2f}")
+    return median
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py")
+    parser.add_argument("--engines", nargs="+", default=None, help="e.g. hf vllm (interleaved)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--out", default="benchmarks/results/step_split.json")
     args = parser.parse_args()
-    cfg, module, loader, opt = build(args.overrides)
-    rows = []
-    times: dict[str, float] = defaultdict(float)
-    timed_parts(module, times)
+    names = args.engines or ["config"]
+    systems = {}
+    for name in names:
+        engine = [] if args.engines is None else [f"method/engine={name}"]
+        systems[name] = build([*args.overrides, *engine])
+    cfg, _, loader, _ = systems[names[0]]
+    rows: dict[str, list[dict]] = {name: [] for name in names}
+    times = {name: defaultdict(float) for name in names}
+    for name, (_, module, _, _) in systems.items():
+        timed_parts(module, times[name])
     for i, batch in enumerate(itertools.islice(loader, args.warmup + args.steps)):
-        times.clear()
-        step(module, batch, opt, times)
-        if i >= args.warmup:
-            rows.append(dict(times))
-        print(f"step {i}: " + ", ".join(f"{p} {times[p]:.2f}s" for p in PARTS), flush=True)
-    median = {p: statistics.median(r.get(p, 0.0) for r in rows) for p in PARTS}
-    total = sum(median.values())
-    print(f"\n{'part':<10} {'median s':>9} {'share':>6}")
-    for p in PARTS:
-        print(f"{p:<10} {median[p]:>9.2f} {median[p] / total:>6.0%}")
-    print(f"{'step':<10} {total:>9.2f}")
+        order = names if i % 2 == 0 else names[::-1]  # neither engine always goes first
+        for name in order:
+            _, module, _, opt = systems[name]
+            times[name].clear()
+            step(module, batch, opt, times[name])
+            if i >= args.warmup:
+                rows[name].append(dict(times[name]))
+            parts = ", ".join(f"{p} {times[name][p]:.2f}s" for p in PARTS)
+            print(f"step {i} [{name}]: {parts}", flush=True)
+    medians = {name: table(name, rows[name]) for name in names}
+    ratios = {}
+    for name in names[1:]:
+        ratios[name] = {
+            part: statistics.median(
+                sum(r.get(p, 0.0) for p in (PARTS if part == "step" else (part,)))
+                / max(1e-9, sum(b.get(p, 0.0) for p in (PARTS if part == "step" else (part,))))
+                for r, b in zip(rows[name], rows[names[0]], strict=True)
+            )
+            for part in ("step", "rollouts", "sync")
+        }
+        print(
+            f"\n{name} / {names[0]}, median of per-step ratios: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in ratios[name].items())
+        )
     result = {
         "overrides": args.overrides,
+        "engines": names,
         "prompts": cfg.data.batch_size,
         "k": cfg.method.rollout.num_rollouts,
+        "max_new_tokens": cfg.method.rollout.max_new_tokens,
         "threads": torch.get_num_threads(),
         "steps": args.steps,
-        "median_s": median,
+        "median_s": medians,
+        "ratio_to_first": ratios,
         "per_step_s": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -73,18 +73,30 @@ class ConfidenceTargets:
         return ""
 
     def student_completion(
-        self, ids: list[int], p_acc: float, tokenizer: PreTrainedTokenizerBase
+        self,
+        ids: list[int],
+        p_acc: float,
+        tokenizer: PreTrainedTokenizerBase,
+        end_ids: list[int] | None = None,
     ) -> list[int]:
         """The completion the student is trained on: the sampled ids."""
         return list(ids)
 
     def apply(
-        self, completions: list[list[int]], p_acc: torch.Tensor, tokenizer: PreTrainedTokenizerBase
+        self,
+        completions: list[list[int]],
+        p_acc: torch.Tensor,
+        tokenizer: PreTrainedTokenizerBase,
+        end_ids: list[int] | None = None,
     ) -> list[list[int]]:
-        """Every rollout's training completion; `completions` are B*K, prompt-major."""
+        """Every rollout's training completion; `completions` are B*K, prompt-major.
+
+        `end_ids` are the ids a rollout may end with (`lightning_caopd.rollout.end_ids`; None:
+        the tokenizer's EOS).
+        """
         k = len(completions) // max(1, len(p_acc))
         return [
-            self.student_completion(ids, p_acc[i // k].item(), tokenizer)
+            self.student_completion(ids, p_acc[i // k].item(), tokenizer, end_ids)
             for i, ids in enumerate(completions)
         ]
 
@@ -149,14 +161,20 @@ class CaOPD(ConfidenceTargets):
         return self.note.format(p_acc=p_acc) if self.add_note else ""
 
     def student_completion(
-        self, ids: list[int], p_acc: float, tokenizer: PreTrainedTokenizerBase
+        self,
+        ids: list[int],
+        p_acc: float,
+        tokenizer: PreTrainedTokenizerBase,
+        end_ids: list[int] | None = None,
     ) -> list[int]:
         """Replacement (a) at the token level.
 
         Args:
-            ids: the rollout's completion token ids, without padding; may end with EOS.
+            ids: the rollout's completion token ids, without padding; may end with an end id.
             p_acc: the empirical accuracy of the rollout's group.
             tokenizer: the shared tokenizer.
+            end_ids: the ids a rollout may end with (None: the tokenizer's EOS); the rewritten
+                completion ends with the tokenizer's EOS.
 
         Returns:
             The sampled ids up to the start of the confidence line, then the tokenized
@@ -166,7 +184,8 @@ class CaOPD(ConfidenceTargets):
         if not self.replace_student:
             return list(ids)
         eos = tokenizer.eos_token_id
-        body = list(ids[:-1]) if ids and ids[-1] == eos else list(ids)
+        ends = [eos] if end_ids is None else end_ids
+        body = list(ids[:-1]) if ids and ids[-1] in ends else list(ids)
         text = tokenizer.decode(body)
         keep_chars = len(strip_confidence(text))
         n = _kept_prefix_tokens(body, keep_chars, tokenizer)

@@ -1,29 +1,18 @@
 """Rollout engines: what samples the K completions per prompt, behind one config switch.
 
-``method.engine`` selects the engine (``_target_``); ``hf`` (`HFEngine`, the default) runs the
-student itself (`lightning_caopd.rollout.sample`: a batched, KV-cached
-decoding loop). An engine with its own copy of the weights (a
-vLLM server or a colocated ``vllm.LLM``) plugs in behind the same switch by implementing
-`RolloutEngine.sample` and `RolloutEngine.sync_weights`; `DistillationModule` calls
-``sync_weights(student)`` before the first rollouts of every optimizer step, so rollouts are
-always drawn from the current policy (strictly on-policy).
+``method.engine`` is a config group (``conf/method/engine/``): ``hf`` (`HFEngine`, the default
+of the toy experiments) samples from the live student with the project's batched, KV-cached
+decoding loop; ``vllm`` (`lightning_caopd.vllm_engine.VLLMEngine`, the default of the paper's
+domain presets) runs a colocated ``vllm.LLM`` in the training process, as the paper's released
+code and TRL's ``vllm_mode="colocate"`` do. A user switches with one override,
+``method/engine=vllm``.
 
-How a vLLM engine would sync weights (not implemented here; vLLM needs CUDA):
-
-- **Colocated** (``vllm.LLM(model=path, gpu_memory_utilization=0.3)`` in the training process,
-  as TRL's ``vllm_mode="colocate"``): ``sync_weights`` passes the student's tensors to the
-  engine's model, ``llm.collective_rpc`` / ``model.load_weights(student.state_dict().items())``
-  (with LoRA: merge the adapter first, or hand vLLM the adapter as a ``LoRARequest``), and
-  resets vLLM's prefix cache, since cached KV blocks were computed with the old weights.
-  ``sample`` calls ``llm.generate`` with ``TokensPrompt(prompt_token_ids=...)`` and
-  ``SamplingParams(n=k, max_tokens=..., temperature=..., top_p=...)`` and maps the outputs
-  to `Rollouts` (``finish_reason == "length"`` is ``truncated``).
-- **Server** (a ``vllm serve`` process on other GPUs): ``sync_weights`` broadcasts each
-  parameter from rank 0 over an NCCL group shared with the server (TRL's
-  ``VLLMClient.update_named_param``); only rank 0 talks to the server.
-
-Under FSDP/DeepSpeed ZeRO-3 the parameters must be gathered (``summon_full_params`` /
-``GatheredParameters``) inside ``sync_weights`` before they are handed over.
+`DistillationModule` calls `RolloutEngine.attach` once, `RolloutEngine.sync_weights` before the
+first rollouts of every optimizer step (rollouts are always drawn from the current policy:
+strictly on-policy) and `RolloutEngine.sample` in every training step. Every engine keeps one
+sampling contract (tested against both): K completions per prompt, prompt-major (row b*K + k),
+each up to and including the first of the model's end ids (`lightning_caopd.rollout.end_ids`),
+``truncated`` when it hit the length limit first, temperature 0 meaning greedy.
 """
 
 from __future__ import annotations
@@ -39,15 +28,33 @@ from lightning_caopd.rollout import Rollouts, sample
 class RolloutEngine(ABC):
     """Samples K completions per prompt from the current student.
 
-    The module calls `attach` once with the tokenizer, `sync_weights` with the student before
-    the first rollouts of every optimizer step, and `sample` in every training step.
+    Attributes:
+        tokenizer: the tokenizer prompts are encoded with (`attach`).
+        stop_ids: the ids that end a completion (`attach`).
+        max_model_len: the longest prompt + completion the engine must hold (`attach`; None:
+            the model's own limit).
+        correction_cap: the cap of the truncated importance weight the loss applies to
+            rollouts drawn from this engine (`lightning_caopd.divergence.importance`); None: no
+            correction (the engine samples from the student itself).
+        last_sync_s: seconds the last `sync_weights` took (``train/engine_sync_s``).
     """
 
     tokenizer: PreTrainedTokenizerBase | None = None
+    stop_ids: list[int] | None = None
+    max_model_len: int | None = None
+    correction_cap: float | None = None
+    last_sync_s: float = 0.0
 
-    def attach(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        """Give the engine the tokenizer prompts are encoded with (pad and EOS ids)."""
+    def attach(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        stop_ids: list[int] | None = None,
+        max_model_len: int | None = None,
+    ) -> None:
+        """Give the engine the tokenizer, the end ids and the longest sequence it must hold."""
         self.tokenizer = tokenizer
+        self.stop_ids = None if stop_ids is None else list(stop_ids)
+        self.max_model_len = max_model_len
 
     @abstractmethod
     def sync_weights(self, model: torch.nn.Module) -> None:
@@ -62,7 +69,10 @@ class RolloutEngine(ABC):
         temperature: float,
         top_p: float,
     ) -> Rollouts:
-        """K completions for each of the B token-id `prompts`, prompt-major (row b*K + k)."""
+        """K completions for each of the B token-id `prompts`, prompt-major (row b*K + k).
+
+        A `temperature` of 0 decodes greedily.
+        """
 
 
 class HFEngine(RolloutEngine):
@@ -70,7 +80,7 @@ class HFEngine(RolloutEngine):
 
     The engine samples from the live training module, so syncing is taking a reference: the
     weights the optimizer just wrote are the ones the next rollouts read, with no copy and
-    no extra memory. See the module docstring for engines that hold their own weights.
+    no extra memory, and the rollouts are exactly on-policy (no importance correction).
 
     Args:
         use_generate: decode with transformers' ``generate`` instead of the project's leaner
@@ -99,13 +109,16 @@ class HFEngine(RolloutEngine):
                 "HFEngine.sample was called before attach(tokenizer) and sync_weights(model); "
                 "DistillationModule does both: build engines through it (method.engine)."
             )
+        greedy = temperature == 0
         return sample(
             self.model,
             self.tokenizer,
             prompts,
             k,
             max_new_tokens,
-            temperature,
+            1.0 if greedy else temperature,
             top_p,
+            do_sample=not greedy,
             use_generate=self.use_generate,
+            stop_ids=self.stop_ids,
         )

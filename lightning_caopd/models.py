@@ -67,6 +67,7 @@ def build_tiny_llama(
     max_position_embeddings: int = 512,
     seed: int = 0,
     attn_implementation: str = "eager",
+    tie_word_embeddings: bool = True,
 ) -> LlamaForCausalLM:
     """A randomly initialised Llama for the character tokenizer of `build_char_tokenizer`.
 
@@ -85,7 +86,7 @@ def build_tiny_llama(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
     )
     config._attn_implementation = attn_implementation
     with torch.random.fork_rng(devices=[]):
@@ -217,6 +218,43 @@ def run_body(model: PreTrainedModel | AdapterDisabledTeacher, **inputs):
             return peft.get_decoder()(**inputs)
     finally:
         peft.train(was_training)
+
+
+@torch.no_grad()
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a plain copy of `model` would hold, under the names of its checkpoint.
+
+    For a plain causal LM, its ``state_dict``. For a LoRA student (peft), the adapter is merged
+    into each weight it wraps (``W + scale * B @ A``, peft's own ``get_delta_weight``), without
+    touching the model, and the names are those of the base model's checkpoint
+    (``model.layers.0.self_attn.q_proj.weight``): what an inference engine loads.
+
+    Args:
+        model: the student (plain or peft-wrapped).
+
+    Returns:
+        Name -> detached tensor (shared with the model where nothing was merged).
+    """
+    if not is_lora(model):
+        return {name: t.detach() for name, t in model.state_dict().items()}
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    merged = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            weight = module.get_base_layer().weight.detach()
+            delta = sum(
+                module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A
+            )
+            merged[f"{name}.weight"] = weight + delta if torch.is_tensor(delta) else weight
+    out = {}
+    for name, tensor in base.state_dict().items():
+        if ".lora_" in name:
+            continue
+        name = name.replace(".base_layer.", ".")
+        out[name] = merged.get(name, tensor.detach())
+    return out
 
 
 def is_lora(model: torch.nn.Module) -> bool:

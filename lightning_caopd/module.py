@@ -11,6 +11,7 @@ The teacher side of the paper's diagnosis (the teacher scored with the privilege
 from __future__ import annotations
 
 import functools
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -31,6 +32,12 @@ from lightning_caopd.divergence import (
     skip_first_tokens,
     topk_tail_loss,
 )
+from lightning_caopd.divergence.fused import target_log_probs
+from lightning_caopd.divergence.importance import (
+    sampled_log_probs,
+    token_log_probs,
+    truncated_importance_weights,
+)
 from lightning_caopd.engines import HFEngine, RolloutEngine
 from lightning_caopd.errors import ConfigError
 from lightning_caopd.loggers import logs_step
@@ -47,6 +54,8 @@ from lightning_caopd.rollout import (
     completion_hidden,
     completion_logits,
     encode_chats,
+    end_ids,
+    right_pad,
     shared_prefix_hidden,
     shared_prefix_logits,
 )
@@ -61,7 +70,9 @@ EVAL_DEFAULTS = {
     "temperature": 1.0,
     "teacher_conditioned": True,
     "confidence_readout": "greedy",
+    "engine": "hf",
 }
+EVAL_ENGINES = ("hf", "vllm")
 FUSED_CHUNK_SIZE = 256  # positions per chunk of the fused divergence when loss.chunk_size is null
 
 
@@ -165,6 +176,13 @@ class StudentSystem(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.eval_cfg = {**EVAL_DEFAULTS, **(eval or {})}
         check_readout(self.eval_cfg["confidence_readout"], self.eval_cfg.get("scoring", "default"))
+        if self.eval_cfg["engine"] not in EVAL_ENGINES:
+            raise ConfigError(
+                f"eval.engine={self.eval_cfg['engine']!r} is out of range: it must be one of "
+                f"{EVAL_ENGINES} (hf: the student's own greedy decoding; vllm: greedy vLLM, as "
+                "the reference's evaluation scripts)."
+            )
+        self._eval_engine: RolloutEngine | None = None
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.val_scores = EvalScores(list(task.categories), self.eval_cfg.get("scoring", "default"))
         # counted before any strategy shards the weights; with LoRA, base and adapter together
@@ -200,11 +218,47 @@ class StudentSystem(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:  # noqa: D102
         self.evaluation_records = []
+        engine = self.eval_engine()
+        if engine is not None:  # the engine generates from the student as it is now
+            engine.sync_weights(self.student)
+
+    def eval_engine(self) -> RolloutEngine | None:
+        """The engine the student's evaluation generates with (``eval.engine``).
+
+        None for ``hf`` (the student decodes itself); for ``vllm``, the run's rollout engine
+        when that is vLLM (one engine, one copy of the weights), else a `VLLMEngine` of its own
+        with the defaults of ``conf/method/engine/vllm.yaml``.
+        """
+        if self.eval_cfg["engine"] != "vllm":
+            return None
+        if self._eval_engine is None:
+            from lightning_caopd.vllm_engine import VLLMEngine
+
+            engine = getattr(self, "engine", None)
+            if not isinstance(engine, VLLMEngine):
+                engine = VLLMEngine(importance_sampling=False)
+                engine.attach(
+                    self.tokenizer, end_ids(self.student, self.tokenizer), self.max_sequence()
+                )
+            self._eval_engine = engine
+        return self._eval_engine
+
+    def max_sequence(self) -> int | None:
+        """The longest prompt + completion an engine must hold (None: no prompt limit)."""
+        prompt = self.eval_cfg.get("max_prompt_length")
+        return None if prompt is None else prompt + self.eval_cfg["max_new_tokens"]
 
     def score(
-        self, model: PreTrainedModel, items: list[dict], chats: list[list[dict]] | None = None
+        self,
+        model: PreTrainedModel,
+        items: list[dict],
+        chats: list[list[dict]] | None = None,
+        engine: RolloutEngine | None = None,
     ) -> EvalBatch:
-        """`evaluate_items` with the ``eval`` options: the student's prompts, or `chats`."""
+        """`evaluate_items` with the ``eval`` options: the student's prompts, or `chats`.
+
+        `engine` generates the completions instead of `model` (which still scores them).
+        """
         return evaluate_items(
             model,
             self.tokenizer,
@@ -218,10 +272,11 @@ class StudentSystem(L.LightningModule):
             chat_template_kwargs=self.chat_template_kwargs,
             chats=chats,
             confidence_readout=self.eval_cfg["confidence_readout"],
+            engine=engine,
         )
 
     def validation_step(self, batch: list[dict], batch_idx: int) -> None:  # noqa: D102
-        out = self.score(self.student, batch)
+        out = self.score(self.student, batch, engine=self.eval_engine())
         self.val_scores.update(out)
         self.evaluation_records.extend(out.records)
 
@@ -304,12 +359,24 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
         check_loss_support(self.loss, student, self.teacher)
         self.template = template
         self.engine = engine if engine is not None else HFEngine()
-        self.engine.attach(tokenizer)
+        self.engine.attach(tokenizer, end_ids(student, tokenizer), self.max_sequence())
         self._engine_step = -1  # the optimizer step the engine's weights are from
         switch = self.eval_cfg["teacher_conditioned"]
         if not isinstance(switch, bool):
             raise ConfigError(f"eval.teacher_conditioned={switch!r} must be true or false.")
         self.teacher_scores = EvalScores(scoring=self.eval_cfg.get("scoring", "default"))
+
+    def max_sequence(self) -> int | None:
+        """The longest prompt + completion of a rollout or an evaluation (None: no limit)."""
+        prompts = [self.rollout.max_prompt_length, self.eval_cfg.get("max_prompt_length")]
+        if None in prompts:
+            return None
+        return max(prompts) + max(self.rollout.max_new_tokens, self.eval_cfg["max_new_tokens"])
+
+    def on_validation_epoch_start(self) -> None:  # noqa: D102
+        super().on_validation_epoch_start()
+        if self._eval_engine is self.engine:  # synced for the evaluation: rollouts reuse it
+            self._engine_step = self.global_step
 
     def on_fit_start(self) -> None:  # noqa: D102
         # The frozen teacher sits in eval mode on purpose, and Lightning warns about every module
@@ -336,10 +403,12 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
             return None
         roll = self.sample_rollouts(prompts)  # 1. rollouts
         correct, p_acc = self.verify(batch, roll.texts)  # 2. verify
-        completions = self.targets.apply(roll.completions, p_acc, self.tokenizer)  # 3. targets
+        completions = self.targets.apply(  # 3. targets
+            roll.completions, p_acc, self.tokenizer, self.engine.stop_ids
+        )
         teacher = self.teacher_prompts(batch, roll, correct, p_acc)  # 4. teacher inputs
-        loss, per_token, mask, student_logits = self.divergence(  # 5. divergence
-            prompts, teacher.prompts, completions, teacher.in_loss
+        loss, per_token, mask, student_logits, correction = self.divergence(  # 5. divergence
+            prompts, teacher.prompts, completions, teacher.in_loss, roll
         )
         self.log_step(  # 6. log
             batch,
@@ -352,6 +421,7 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
             teacher,
             n_cut,
             time.perf_counter() - start,
+            correction,
         )
         return {  # the loss, and what the callbacks log from the step (detached)
             "loss": loss,
@@ -454,40 +524,62 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
         teacher_prompts: list[list[int]],
         completions: list[list[int]],
         rows: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        sampled: Rollouts | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
         """The divergence between teacher and student next-token distributions on completions.
 
         ``method.loss`` picks the path: full vocabulary or top-k + tail (``topk``), from
         materialised logits or fused with the output heads (``fused``: the bodies run without
-        their heads and no (B*K, T, V) logits exist).
+        their heads and no (B*K, T, V) logits exist). Rollouts that carry their sampler's
+        log-probs (`sampled`, from vLLM) get the truncated importance weight (`importance`).
 
         Args:
             prompts: B student prompts.
             teacher_prompts: B teacher prompts, or B*K (one per rollout).
             completions: B*K training completions, prompt-major.
             rows: (B*K,) bool, the rollouts that count (None: all).
+            sampled: the rollouts the completions came from (None: no correction).
 
         Returns:
-            The loss, the (B*K, T) per-token divergence, the loss mask and the student's
-            (B*K, T, V) logits (None when fused).
+            The loss, the (B*K, T) per-token divergence, the loss mask, the student's
+            (B*K, T, V) logits (None when fused) and the importance-weight statistics ({} without
+            sampler log-probs).
         """
         if self.loss.fused:
-            return self.fused_divergence(prompts, teacher_prompts, completions, rows)
+            return self.fused_divergence(prompts, teacher_prompts, completions, rows, sampled)
         with torch.no_grad():
             teacher_logits, _ = self.completion_logits(self.teacher, teacher_prompts, completions)
         student_logits, completion_mask = self.completion_logits(self.student, prompts, completions)
         mask = self.loss_mask(completion_mask, rows)
+        weights, correction = self.importance(
+            sampled,
+            completions,
+            mask,
+            lambda ids: token_log_probs(student_logits, ids, self.rollout.temperature),
+        )
         kind, beta = self.loss.divergence, self.loss.jsd_beta
         if self.loss.topk is None:
             loss, per_token = divergence_loss(
-                student_logits, teacher_logits, mask, kind, beta, chunk_size=self.loss.chunk_size
+                student_logits,
+                teacher_logits,
+                mask,
+                kind,
+                beta,
+                chunk_size=self.loss.chunk_size,
+                token_weights=weights,
             )
         else:
             loss, per_token = topk_tail_loss(
-                student_logits, teacher_logits, mask, k=self.loss.topk, kind=kind, beta=beta
+                student_logits,
+                teacher_logits,
+                mask,
+                k=self.loss.topk,
+                kind=kind,
+                beta=beta,
+                token_weights=weights,
             )
         del teacher_logits  # free (B*K, T, V) before backward
-        return loss, per_token, mask, student_logits
+        return loss, per_token, mask, student_logits, correction
 
     def fused_divergence(
         self,
@@ -495,24 +587,68 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
         teacher_prompts: list[list[int]],
         completions: list[list[int]],
         rows: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        sampled: Rollouts | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, dict]:
         """`divergence` from the bodies' last hidden states and the output heads, chunk by chunk."""
         with torch.no_grad():
             teacher_hidden, _ = self.completion_hidden(self.teacher, teacher_prompts, completions)
         student_hidden, completion_mask = self.completion_hidden(self.student, prompts, completions)
         mask = self.loss_mask(completion_mask, rows)
+        student_head = OutputHead.from_causal_lm(self.student)
+        chunk = self.loss.chunk_size or FUSED_CHUNK_SIZE
+        weights, correction = self.importance(
+            sampled,
+            completions,
+            mask,
+            lambda ids: target_log_probs(
+                student_hidden, student_head, ids, mask, self.rollout.temperature, chunk
+            ),
+        )
         loss, per_token = fused_linear_divergence(
             student_hidden,  # (B*K, T, H)
-            OutputHead.from_causal_lm(self.student),
+            student_head,
             teacher_hidden,  # (B*K, T, H')
             OutputHead.from_causal_lm(causal_lm(self.teacher)),
             mask,
             kind=self.loss.divergence,
             beta=self.loss.jsd_beta,
             topk=self.loss.topk,
-            chunk_size=self.loss.chunk_size or FUSED_CHUNK_SIZE,
+            chunk_size=chunk,
+            token_weights=weights,
         )
-        return loss, per_token, mask, None
+        return loss, per_token, mask, None, correction
+
+    def importance(
+        self,
+        sampled: Rollouts | None,
+        completions: list[list[int]],
+        mask: torch.Tensor,
+        student_log_probs: Callable[[torch.Tensor], torch.Tensor],
+    ) -> tuple[torch.Tensor | None, dict]:
+        """The truncated importance weights of rollouts drawn by another engine (vLLM).
+
+        Args:
+            sampled: the step's rollouts; without sampler log-probs (the ``hf`` engine) there is
+                nothing to correct.
+            completions: the B*K training completions.
+            mask: (B*K, T) the loss mask.
+            student_log_probs: (B*K, T) token ids -> the student's log-probs of them at the
+                sampling temperature (from the step's logits or hidden states).
+
+        Returns:
+            The (B*K, T) weights (None: no weighting; also when the engine's correction is
+            off) and their statistics (``logprob_gap``, ``capped_frac``, ``weight_mean``).
+        """
+        if sampled is None or sampled.logprobs is None:
+            return None, {}
+        width = mask.shape[1]
+        ids, _ = right_pad(completions, self.tokenizer.pad_token_id, mask.device)
+        sampler = sampled_log_probs(sampled.completions, sampled.logprobs, completions, width)
+        cap = self.engine.correction_cap
+        weights, stats = truncated_importance_weights(
+            student_log_probs(ids[:, :width]), sampler, mask, math.inf if cap is None else cap
+        )
+        return (None if cap is None else weights), stats
 
     def loss_mask(self, completion_mask: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         """(B*K, T) positions in the loss: completions, less the skipped first tokens and rows."""
@@ -548,7 +684,7 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
         return completion_hidden(body, batch), batch["completion_mask"]
 
     def log_step(
-        self, batch, roll, correct, p_acc, loss, per_token, mask, teacher, n_cut, elapsed
+        self, batch, roll, correct, p_acc, loss, per_token, mask, teacher, n_cut, elapsed, correction
     ) -> None:
         """The step's scalars: loss, divergence, rollout accuracy, P_acc, format, throughput.
 
@@ -579,6 +715,11 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
             "train/tokens_per_s": torch.tensor(sum(len(c) for c in roll.completions) / elapsed),
         }
         stats.update({f"train/{k}": torch.tensor(v) for k, v in p_acc_stats(p_acc).items()})
+        if correction:  # rollouts from another engine (vLLM): its sync and the weights
+            stats["train/engine_sync_s"] = torch.tensor(self.engine.last_sync_s)
+            stats.update(
+                {f"train/is_{k}": torch.tensor(v) for k, v in correction.items() if v == v}
+            )
         self.log_dict(stats, batch_size=len(batch))
         self.log("loss", loss.detach(), prog_bar=True, batch_size=len(batch), logger=False)
         self.log("p_acc", p_acc.mean(), prog_bar=True, batch_size=len(batch), logger=False)

@@ -78,6 +78,29 @@ def right_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Te
     return ids.to(device), mask.to(device)
 
 
+def end_ids(model: torch.nn.Module | None, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the model's generation config's.
+
+    Chat models often end a turn with one token and a document with another (Qwen:
+    ``<|im_end|>`` and ``<|endoftext|>``); ``generation_config.eos_token_id`` lists them all and
+    ``generate`` stops at any of them, so the engines do too.
+
+    Args:
+        model: the policy (a peft model is read through to its base); None: the tokenizer's only.
+        tokenizer: its tokenizer.
+
+    Returns:
+        The ids, the tokenizer's EOS first (the one a rewritten completion ends with).
+    """
+    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    config = getattr(model, "generation_config", None)
+    extra = getattr(config, "eos_token_id", None)
+    for i in [extra] if isinstance(extra, int) else list(extra or []):
+        if i not in ids:
+            ids.append(int(i))
+    return ids
+
+
 def completion_mask(tokens: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
     """Mask (N, T) of completion tokens up to and including the first stop token.
 
@@ -100,11 +123,15 @@ class Rollouts:
         completions: per row, the sampled completion ids up to and including the first stop.
         texts: per row, the decoded completion without special tokens.
         truncated: per row, whether the completion hit the length limit without a stop token.
+        logprobs: per row, the sampler's log-probability of each completion token (an engine
+            with its own copy of the weights reports them, for the importance-sampling
+            correction); None when the rollouts come from the student itself.
     """
 
     completions: list[list[int]]
     texts: list[str]
     truncated: list[bool]
+    logprobs: list[list[float]] | None = None
 
 
 @torch.no_grad()
@@ -113,7 +140,7 @@ def decode(
     ids: torch.Tensor,
     mask: torch.Tensor,
     max_new_tokens: int,
-    eos_id: int,
+    stop_ids: list[int],
     pad_id: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -130,7 +157,7 @@ def decode(
         ids: (N, P) left-padded prompt ids.
         mask: (N, P) their attention mask.
         max_new_tokens: length limit.
-        eos_id: the stop token.
+        stop_ids: the tokens that end a row (`end_ids`).
         pad_id: written after a row's stop token.
         temperature: sampling temperature.
         top_p: nucleus threshold.
@@ -148,6 +175,7 @@ def decode(
     )
     next_pos = position[:, -1:] + 1
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    stops = torch.tensor(stop_ids, device=ids.device)
     tokens = []
     for step in range(max_new_tokens):
         scores = out.logits[:, -1, :].float()  # (N, V)
@@ -159,7 +187,7 @@ def decode(
             token = scores.argmax(dim=-1)
         token = token.masked_fill(done, pad_id)
         tokens.append(token)
-        done |= token == eos_id
+        done |= torch.isin(token, stops)
         if done.all() or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
@@ -167,7 +195,7 @@ def decode(
             input_ids=token[:, None],
             attention_mask=mask,
             position_ids=next_pos,
-            cache=out.cache,
+            past_key_values=out.past_key_values,
             use_cache=True,
         )
         next_pos = next_pos + 1
@@ -185,6 +213,7 @@ def sample(
     top_p: float = 1.0,
     do_sample: bool = True,
     use_generate: bool = False,
+    stop_ids: list[int] | None = None,
 ) -> Rollouts:
     """`num_samples` completions per prompt, all rows in one batched, KV-cached decode.
 
@@ -199,11 +228,13 @@ def sample(
         do_sample: sample (True) or decode greedily (False).
         use_generate: decode with ``model.generate`` instead of `decode` (the same tokens;
             for models whose forward `decode` does not fit).
+        stop_ids: the tokens that end a completion (None: `end_ids` of the model).
 
     Returns:
         `Rollouts` with B*K rows, prompt-major.
     """
     device = next(model.parameters()).device
+    stop_ids = end_ids(model, tokenizer) if stop_ids is None else list(stop_ids)
     ids, mask = left_pad(prompts, tokenizer.pad_token_id, device)
     ids, mask = ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0)
     was_training = model.training
@@ -215,7 +246,7 @@ def sample(
             attention_mask=mask,
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stop_ids,
             use_cache=True,
             **(sampling if do_sample else {"do_sample": False}),
         )[:, ids.shape[1] :]
@@ -225,7 +256,7 @@ def sample(
             ids,
             mask,
             max_new_tokens,
-            tokenizer.eos_token_id,
+            stop_ids,
             tokenizer.pad_token_id,
             temperature,
             top_p,
@@ -233,12 +264,12 @@ def sample(
         )
     model.train(was_training)
     new = new.cpu()  # (B*K, T)
-    keep = completion_mask(new, [tokenizer.eos_token_id])
+    keep = completion_mask(new, stop_ids)
     completions, texts, truncated = [], [], []
     for row, m in zip(new.tolist(), keep.tolist(), strict=True):
         comp = [t for t, k in zip(row, m, strict=True) if k]
         completions.append(comp)
-        truncated.append(not comp or comp[-1] != tokenizer.eos_token_id)
+        truncated.append(not comp or comp[-1] not in stop_ids)
         texts.append(tokenizer.decode(comp, skip_special_tokens=True, errors="replace"))
     return Rollouts(completions, texts, truncated)
 
@@ -351,7 +382,7 @@ def _shared_prefix(
         use_cache=True,
         **first_kwargs,
     )
-    cache = out.cache
+    cache = out.past_key_values
     cache.batch_repeat_interleave(k)
     first = getattr(out, field)[:, -1:].repeat_interleave(k, dim=0)  # (B*K, 1, *): token 0
     c_ids, c_mask = right_pad(completions, pad_id, p_ids.device)
@@ -362,7 +393,7 @@ def _shared_prefix(
             input_ids=c_ids[:, :-1],
             attention_mask=torch.cat([p_mask.repeat_interleave(k, dim=0), c_mask[:, :-1]], dim=1),
             position_ids=start + torch.arange(width - 1, device=p_ids.device)[None],
-            cache=cache,
+            past_key_values=cache,
             use_cache=True,
         ),
         field,

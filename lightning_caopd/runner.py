@@ -25,7 +25,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_caopd.callbacks import MetricsWriter
 from lightning_caopd.checkpointing import keep_previous_logs
@@ -62,6 +62,7 @@ def check_config(cfg: DictConfig):
     Raises:
         ConfigError: one sentence naming the key, the value and the allowed range.
     """
+    resolve_engine(cfg)
     method = cfg.get("method") or {}
     for group in ("rollout", "loss"):
         node = method.get(group)
@@ -87,6 +88,27 @@ def check_config(cfg: DictConfig):
         if cause is not None:
             raise cause from None
         raise
+
+
+def resolve_engine(cfg: DictConfig) -> None:
+    """``method.engine=vllm`` (a name) as ``method/engine=vllm`` (the group's file).
+
+    Hydra reads ``method.engine=vllm`` as a value, not a group choice; the name is looked up in
+    ``conf/method/engine/`` so both spellings run the same engine (further knobs need the group
+    form: ``method/engine=vllm method.engine.cpu_kv_cache_gib=2``).
+
+    Raises:
+        ConfigError: no engine of that name.
+    """
+    name = OmegaConf.select(cfg, "method.engine")
+    if not isinstance(name, str):
+        return
+    folder = Path(__file__).parent / "conf" / "method" / "engine"
+    names = sorted(p.stem for p in folder.glob("*.yaml"))
+    if name not in names:
+        raise out_of_range("method.engine", name, f"one of {names} (conf/method/engine/)")
+    with open_dict(cfg):
+        cfg.method.engine = OmegaConf.load(folder / f"{name}.yaml")
 
 
 def quiet_console() -> None:

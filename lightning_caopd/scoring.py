@@ -18,6 +18,7 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_caopd.confidence import PARSERS, answer_confidence_tokens
+from lightning_caopd.engines import RolloutEngine
 from lightning_caopd.metrics import CalibrationMetrics
 from lightning_caopd.readout import expected_confidences
 from lightning_caopd.rollout import build_batch, completion_logits, encode_chats, sample
@@ -84,6 +85,7 @@ def evaluate_items(
     chat_template_kwargs: dict | None = None,
     chats: list[list[dict]] | None = None,
     confidence_readout: str = "greedy",
+    engine: RolloutEngine | None = None,
 ) -> EvalBatch:
     """Answer `items` and score every answer and confidence.
 
@@ -97,6 +99,8 @@ def evaluate_items(
     `confidence_readout` ``expected`` replaces each stated confidence by the mean of the
     model's confidence distribution after its answer (`lightning_caopd.readout`); the records
     keep the written one as ``confidence_greedy``.
+    `engine` (a `lightning_caopd.engines.RolloutEngine` synced to `model`, e.g. vLLM's)
+    generates the completions instead of `model`; `model` still scores their tokens.
     """
     prompts, n_cut = encode_chats(
         tokenizer,
@@ -112,7 +116,10 @@ def evaluate_items(
             len(items),
             max_prompt_length,
         )
-    roll = sample(model, tokenizer, prompts, 1, max_new_tokens, temperature, do_sample=do_sample)
+    if engine is None:
+        roll = sample(model, tokenizer, prompts, 1, max_new_tokens, temperature, do_sample=do_sample)
+    else:
+        roll = engine.sample(prompts, 1, max_new_tokens, temperature if do_sample else 0.0, 1.0)
     conf = parse_confidences(roll.texts, scoring)
     written = conf
     if confidence_readout == "expected":

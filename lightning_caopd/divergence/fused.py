@@ -242,6 +242,7 @@ def fused_linear_divergence(
     topk: int | None = None,
     topk_support: str = "teacher",
     chunk_size: int = 256,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Sequence-mean divergence from last hidden states, never materialising (N, T, V) logits.
 
@@ -268,6 +269,8 @@ def fused_linear_divergence(
         topk_support: "teacher" or "student": whose top-k tokens form the support.
         chunk_size: Counted positions per chunk; the (chunk_size, V) logits are the largest
             temporaries.
+        token_weights: (B, T) (or (N,)) constant weights of the per-token terms in the sequence
+            mean (importance weights); None: all 1.
 
     Returns:
         ``(loss, per_token)``: the scalar sequence-mean loss (mean over each sequence's counted
@@ -326,6 +329,9 @@ def fused_linear_divergence(
     cdtype = _compute_dtype(student_hidden.dtype)
     row_weight = 1.0 / (counts.clamp(min=1) * n_rows).to(cdtype)  # (B,)
     weights = row_weight[:, None].expand(mask.shape)[mask]  # (K,)
+    if token_weights is not None:
+        token_weights = token_weights[None] if flat else token_weights
+        weights = weights * token_weights.detach().to(weights.device, cdtype)[mask]
 
     spec = _Spec(
         kind=kind,
@@ -356,3 +362,49 @@ def fused_linear_divergence(
     per_token = torch.zeros(mask.shape, dtype=per_row.dtype, device=per_row.device)  # (B, T)
     per_token[mask] = per_row
     return loss, (per_token[0] if flat else per_token)
+
+
+@torch.no_grad()
+def target_log_probs(
+    hidden: Tensor,
+    head: OutputHead | Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+) -> Tensor:
+    """Log-probs of `targets` from last hidden states, one chunk of positions at a time.
+
+    What ``log_softmax(head(hidden) / temperature).gather(targets)`` gives, without (N, T, V)
+    logits (the importance weight of a fused step reads the student's log-probs of the sampled
+    tokens this way).
+
+    Args:
+        hidden: (B, T, H) last hidden states predicting each position.
+        head: the model's ``OutputHead`` (or (V, H) weight).
+        targets: (B, T) token ids.
+        mask: (B, T) positions to compute; the others are 0.
+        temperature: divides the (scaled, capped) logits.
+        chunk_size: positions per chunk.
+
+    Returns:
+        (B, T) float32 log-probs.
+    """
+    head = _as_head(head)
+    mask = mask != 0
+    rows = hidden[mask]  # (K, H)
+    picked = targets.to(hidden.device)[mask]  # (K,)
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    values = torch.empty(rows.shape[0], dtype=torch.float32, device=hidden.device)
+    bias = None if head.bias is None else head.bias.detach()
+    for start in range(0, rows.shape[0], chunk_size):
+        chunk = slice(start, start + chunk_size)
+        lp = _chunk_log_probs(
+            F.linear(rows[chunk].detach(), head.weight.detach(), bias),
+            head.logit_scale,
+            head.softcap,
+            temperature,
+        )  # (C, V)
+        values[chunk] = lp.gather(1, picked[chunk, None])[:, 0].float()
+    out[mask] = values
+    return out

@@ -444,6 +444,7 @@ def divergence_loss(
     beta: float = 0.5,
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Sequence-mean divergence loss between student and teacher.
 
@@ -455,10 +456,12 @@ def divergence_loss(
         beta: JSD weight (``generalized_jsd``); ignored by the KL kinds.
         temperature: Divides both logits before the softmax.
         chunk_size: If set, use the memory-bounded chunked path (see ``token_divergence``).
+        token_weights: (N, T) constant weights of the per-token terms in the sequence mean
+            (the importance weights of `lightning_caopd.divergence.importance`); None: all 1.
 
     Returns:
         ``(loss, per_token)``: the scalar ``sequence_mean_loss`` and the (N, T) per-token
-        divergence, zero at masked positions.
+        divergence (unweighted), zero at masked positions.
 
     Raises:
         ValueError: On an unknown kind or invalid arguments.
@@ -472,4 +475,11 @@ def divergence_loss(
         temperature=temperature,
         chunk_size=chunk_size,
     )
-    return sequence_mean_loss(per_token, mask), per_token
+    return weighted_mean_loss(per_token, mask, token_weights), per_token
+
+
+def weighted_mean_loss(per_token: Tensor, mask: Tensor, token_weights: Tensor | None) -> Tensor:
+    """``sequence_mean_loss`` of ``per_token * token_weights`` (detached weights; None: 1)."""
+    if token_weights is None:
+        return sequence_mean_loss(per_token, mask)
+    return sequence_mean_loss(per_token * token_weights.detach().to(per_token.device), mask)

@@ -28,7 +28,7 @@ from lightning_caopd.divergence.token import (
     _KERNELS,
     _log_probs,
     _validate,
-    sequence_mean_loss,
+    weighted_mean_loss,
 )
 
 SUPPORTS = ("teacher", "student")
@@ -150,6 +150,7 @@ def topk_tail_loss(
     beta: float = 0.5,
     temperature: float = 1.0,
     support: str = "teacher",
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Sequence-mean top-k + tail divergence loss; the counterpart of ``divergence_loss``.
 
@@ -162,6 +163,7 @@ def topk_tail_loss(
         beta: JSD weight; ignored by the KL kinds.
         temperature: Divides both logits before the softmax.
         support: "teacher" or "student" top-k.
+        token_weights: (N, T) constant per-token weights (``divergence_loss``); None: all 1.
 
     Returns:
         ``(loss, per_token)``: the scalar ``sequence_mean_loss`` and the (N, T) per-token
@@ -180,4 +182,4 @@ def topk_tail_loss(
         temperature=temperature,
         support=support,
     )
-    return sequence_mean_loss(per_token, mask), per_token
+    return weighted_mean_loss(per_token, mask, token_weights), per_token
