@@ -11,17 +11,20 @@ timing each:
 - ``teacher``: the frozen teacher's forward on the completions, with its privileged context;
 - ``student``: the student's forward on its own prompts + completions (with gradients);
 - ``loss``: the divergence (with ``method.loss.fused``: the output heads, chunk by chunk) and,
-  for vLLM's rollouts, the importance weights;
+  for vLLM's rollouts, the importance weights (their statistics are kept: ``is_logprob_gap``,
+  the mean |student - vLLM| log-prob of the sampled tokens, ``is_capped_frac``, ...);
 - ``backward`` and ``optimizer`` (the configured optimizer's step and ``zero_grad``).
 
-``--engines hf vllm`` builds one module per engine (``method/engine=<name>``) and interleaves
+``--engines hf vllm`` builds one module per engine (``method/engine=<name>``; a name may carry
+that engine's own overrides after colons, ``vllm:method.engine.dtype=bfloat16``) and interleaves
 their steps on the same batches (the order alternating from step to step); the table gives each
 engine's medians and the median of the per-step ratios to the first engine. The first
 ``--warmup`` steps are not counted; ``--out`` keeps everything (JSON).
 
 Usage:
     python benchmarks/step_split.py experiment=smollm2_caopd
-    python benchmarks/step_split.py experiment=smollm2_opd --engines hf vllm --steps 6
+    python benchmarks/step_split.py experiment=smollm2_opd --engines hf vllm \
+        vllm:method.engine.dtype=bfloat16 --steps 5     # the README's engine table
     python benchmarks/step_split.py experiment=caopd --steps 5
 """
 
@@ -94,8 +97,12 @@ def step(module, batch: list[dict], opt, times: dict[str, float]) -> None:
     teacher = module.teacher_prompts(batch, roll, correct, p_acc)
     times["rollouts"] += time.perf_counter() - start
     start = time.perf_counter()
-    loss = module.divergence(prompts, teacher.prompts, completions, teacher.in_loss, roll)[0]
+    loss, *_, correction = module.divergence(
+        prompts, teacher.prompts, completions, teacher.in_loss, roll
+    )
     times["loss"] += time.perf_counter() - start - times["teacher"] - times["student"]
+    for key, value in correction.items():  # vLLM's rollouts: the importance-weight statistics
+        times[f"is_{key}"] = float(value)
     start = time.perf_counter()
     loss.backward()
     times["backward"] += time.perf_counter() - start
@@ -109,10 +116,14 @@ def table(name: str, rows: list[dict]) -> dict[str, float]:
     """Print one engine's per-part medians and shares; return the medians (with ``step``)."""
     median = {p: statistics.median(r.get(p, 0.0) for r in rows) for p in PARTS}
     median["step"] = statistics.median(sum(r.get(p, 0.0) for p in PARTS) for r in rows)
+    for key in sorted({k for r in rows for k in r if k.startswith("is_")}):
+        median[key] = statistics.median(r[key] for r in rows)
     print(f"\n{name}\n{'part':<10} {'median s':>9} {'share':>6}")
     for p in PARTS:
         print(f"{p:<10} {median[p]:>9.2f} {median[p] / median['step']:>6.0%}")
     print(f"{'step':<10} {median['step']:>9.2f}")
+    for key in (k for k in median if k.startswith("is_")):
+        print(f"{key:<18} {median[key]:.3e}")
     return median
 
 
@@ -127,7 +138,8 @@ def main() -> None:
     names = args.engines or ["config"]
     systems = {}
     for name in names:
-        engine = [] if args.engines is None else [f"method/engine={name}"]
+        group, *knobs = name.split(":")  # e.g. vllm:method.engine.dtype=bfloat16
+        engine = [] if args.engines is None else [f"method/engine={group}", *knobs]
         systems[name] = build([*args.overrides, *engine])
     cfg, _, loader, _ = systems[names[0]]
     rows: dict[str, list[dict]] = {name: [] for name in names}
@@ -135,7 +147,7 @@ def main() -> None:
     for name, (_, module, _, _) in systems.items():
         timed_parts(module, times[name])
     for i, batch in enumerate(itertools.islice(loader, args.warmup + args.steps)):
-        order = names if i % 2 == 0 else names[::-1]  # neither engine always goes first
+        order = names if i % 2 == 0 else names[::-1]  # no engine always goes first
         for name in order:
             _, module, _, opt = systems[name]
             times[name].clear()
@@ -143,6 +155,8 @@ def main() -> None:
             if i >= args.warmup:
                 rows[name].append(dict(times[name]))
             parts = ", ".join(f"{p} {times[name][p]:.2f}s" for p in PARTS)
+            if "is_logprob_gap" in times[name]:
+                parts += f"; |student - sampler| log-prob gap {times[name]['is_logprob_gap']:.2e}"
             print(f"step {i} [{name}]: {parts}", flush=True)
     medians = {name: table(name, rows[name]) for name in names}
     ratios = {}

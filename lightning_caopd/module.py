@@ -684,7 +684,18 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
         return completion_hidden(body, batch), batch["completion_mask"]
 
     def log_step(
-        self, batch, roll, correct, p_acc, loss, per_token, mask, teacher, n_cut, elapsed, correction
+        self,
+        batch,
+        roll,
+        correct,
+        p_acc,
+        loss,
+        per_token,
+        mask,
+        teacher,
+        n_cut,
+        elapsed,
+        correction,
     ) -> None:
         """The step's scalars: loss, divergence, rollout accuracy, P_acc, format, throughput.
 

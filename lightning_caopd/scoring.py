@@ -117,7 +117,9 @@ def evaluate_items(
             max_prompt_length,
         )
     if engine is None:
-        roll = sample(model, tokenizer, prompts, 1, max_new_tokens, temperature, do_sample=do_sample)
+        roll = sample(
+            model, tokenizer, prompts, 1, max_new_tokens, temperature, do_sample=do_sample
+        )
     else:
         roll = engine.sample(prompts, 1, max_new_tokens, temperature if do_sample else 0.0, 1.0)
     conf = parse_confidences(roll.texts, scoring)

@@ -73,9 +73,7 @@ def check_cpu_head_size(config) -> None:
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
     heads = getattr(config, "num_attention_heads", None)
-    head_dim = getattr(config, "head_dim", None) or (
-        config.hidden_size // heads if heads else None
-    )
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
     sizes = CPUAttentionBackend.get_supported_head_sizes()
     if head_dim is not None and head_dim not in sizes:
         raise ConfigError(
@@ -223,7 +221,9 @@ class VLLMEngine(RolloutEngine):
                 "Choose method/engine=hf for a model vLLM does not serve."
             ) from err
         self.start_s = time.perf_counter() - start
-        log.info("Started vLLM %s in %.1f s (%s, %s)", vllm.__version__, self.start_s, dtype, max_len)
+        log.info(
+            "Started vLLM %s in %.1f s (%s, %s)", vllm.__version__, self.start_s, dtype, max_len
+        )
 
     def _wake(self) -> None:
         if self._asleep:
@@ -243,7 +243,9 @@ class VLLMEngine(RolloutEngine):
             start = time.perf_counter()  # the start is `start_s`, not a sync
         self._wake()
         weights = full_state_dict(model)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights.items())})
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": iter(weights.items())}
+        )
         self.llm.reset_prefix_cache()
         self._sleep()
         self.last_sync_s = time.perf_counter() - start
@@ -309,4 +311,3 @@ class VLLMEngine(RolloutEngine):
         if self._config_dir is not None:
             with contextlib.suppress(Exception):
                 self._config_dir.cleanup()
-

@@ -102,6 +102,9 @@ def test_checkpoint_alone_scores_with_the_runs_own_config(tiny_dir, tmp_path):
             f"- {o}"
             for o in (
                 "experiment=opd_science",
+                # the tiny model's head size (16) is not one vLLM's CPU attention has
+                "method/engine=hf",
+                "eval.engine=hf",
                 "model=hf",
                 f"model.pretrained_model_name_or_path={tiny_dir}",
                 f"data.path={SCIENCE}",

@@ -68,7 +68,9 @@ def optimizer_step(model) -> None:
 def test_engine_follows_the_student_after_an_optimizer_step(engine, lora):
     student = engine_llama(seed=5)
     if lora:
-        student = apply_lora(student, r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+        student = apply_lora(
+            student, r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]
+        )
     attached(engine, student, TOK)
     before = model_log_probs(student, SEQUENCE)
     torch.testing.assert_close(engine_log_probs(engine, SEQUENCE), before, atol=1e-4, rtol=0)
@@ -147,7 +149,9 @@ def test_vllm_importance_weights_can_be_turned_off():
 
 
 def test_a_model_vllm_cannot_serve_is_refused_with_the_reason(tmp_path):
-    toy = build_tiny_llama(hidden_size=64, num_hidden_layers=2, num_attention_heads=4)  # heads of 16
+    toy = build_tiny_llama(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4
+    )  # heads of 16
     with pytest.raises(ConfigError, match="method/engine=hf"):
         attached(VLLMEngine(cpu_kv_cache_gib=0.25), toy, TOK)
 
