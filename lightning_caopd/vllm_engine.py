@@ -308,6 +308,6 @@ class VLLMEngine(RolloutEngine):
         return Rollouts(completions, texts, truncated, logprobs)
 
     def __del__(self) -> None:
-        if self._config_dir is not None:
+        if getattr(self, "_config_dir", None) is not None:  # None too when __init__ refused
             with contextlib.suppress(Exception):
                 self._config_dir.cleanup()

@@ -178,7 +178,10 @@ def test_fused_divergence_with_per_rollout_teacher_prompts_and_masked_rows():
     results = []
     for module in (unfused, fused):
         module.student.zero_grad()
-        loss, per_token, mask, _ = module.divergence(prompts, teacher_prompts, completions, rows)
+        loss, per_token, mask, _, correction = module.divergence(
+            prompts, teacher_prompts, completions, rows
+        )
+        assert correction == {}  # no sampler log-probs: no importance weights
         loss.backward()
         assert not mask[~rows].any() and (per_token[~rows] == 0).all()
         results.append(

@@ -18,8 +18,12 @@ from lightning_caopd.runner import build, lock_output_dir, run
 from tests.fixtures.runs import ROOT, SCIENCE, TOOLUSE, subprocess_env
 from tests.fixtures.tiny_models import save_tiny_hf_model
 
-# Two optimizer steps of two micro-batches each: 4 training rows, one epoch.
+# Two optimizer steps of two micro-batches each: 4 training rows, one epoch. The tiny model's
+# heads (16 wide) are not a size vLLM's CPU attention serves: the domain presets' vLLM engine is
+# switched to the student's own sampling here (tests/test_vllm_*.py run the vLLM engine).
 SHORT = [
+    "method/engine=hf",
+    "eval.engine=hf",
     "trainer.max_steps=2",
     "trainer.accumulate_grad_batches=2",
     "method.rollout.num_rollouts=2",
@@ -357,6 +361,7 @@ def test_ood_trains_on_tool_use_and_scores_the_student_on_science(tiny_dir, make
             "-m",
             "lightning_caopd.evaluate",
             "experiment=paper/ood_science_eval",
+            "eval.engine=hf",  # the tiny model's heads: see SHORT
             "split=all",
             f"student={train_dir / 'student'}",
             f"data.eval_path={SCIENCE}",
