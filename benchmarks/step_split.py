@@ -92,7 +92,7 @@ def step(module, batch: list[dict], opt, times: dict[str, float]) -> None:
     roll = module.engine.sample(prompts, r.num_rollouts, r.max_new_tokens, r.temperature, r.top_p)
     correct, p_acc = module.verify(batch, roll.texts)
     completions = module.targets.apply(
-        roll.completions, p_acc, module.tokenizer, module.engine.stop_ids
+        roll.completions, p_acc, module.tokenizer, module.engine.stop_ids, r.max_new_tokens
     )
     teacher = module.teacher_prompts(batch, roll, correct, p_acc)
     times["rollouts"] += time.perf_counter() - start

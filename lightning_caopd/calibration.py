@@ -3,7 +3,8 @@
 CaOPD changes one thing in OPD: the confidence target. It measures the student's empirical
 success rate ``P_acc`` (correct rollouts / K for a prompt) and writes it in three places:
 
-(a) the student's completion: each rollout's confidence line is cut off at the token level and
+(a) the student's completion: each rollout is cut at its confidence line at the token level
+    (its last one, or with ``cut="first"`` its first, as the released code) and
     ``Confidence: {P_acc:.2f}`` is appended (the tokens the student sampled before it are kept
     as sampled, never decoded and re-encoded);
 (b) the teacher's privileged solution: its ``Confidence: 1.00`` becomes ``P_acc``;
@@ -22,10 +23,12 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from lightning_caopd.confidence import strip_confidence
+from lightning_caopd.confidence import strip_confidence, strip_confidence_reference
+from lightning_caopd.errors import out_of_range
 from lightning_caopd.templates import with_confidence
 
 DEFAULT_NOTE = "Empirical confidence: {p_acc:.2f}. Output it."
+CUTS = ("last", "first")
 
 
 def empirical_accuracy(correct: torch.Tensor, k: int) -> torch.Tensor:
@@ -39,6 +42,10 @@ def p_acc_stats(p_acc: torch.Tensor) -> dict[str, float]:
         "p_acc_zero_frac": (p_acc == 0).float().mean().item(),
         "p_acc_one_frac": (p_acc == 1).float().mean().item(),
     }
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _kept_prefix_tokens(ids: list[int], keep_chars: int, tokenizer: PreTrainedTokenizerBase) -> int:
@@ -78,6 +85,7 @@ class ConfidenceTargets:
         p_acc: float,
         tokenizer: PreTrainedTokenizerBase,
         end_ids: list[int] | None = None,
+        max_new_tokens: int | None = None,
     ) -> list[int]:
         """The completion the student is trained on: the sampled ids."""
         return list(ids)
@@ -88,15 +96,18 @@ class ConfidenceTargets:
         p_acc: torch.Tensor,
         tokenizer: PreTrainedTokenizerBase,
         end_ids: list[int] | None = None,
+        max_new_tokens: int | None = None,
     ) -> list[list[int]]:
         """Every rollout's training completion; `completions` are B*K, prompt-major.
 
         `end_ids` are the ids a rollout may end with (`lightning_caopd.rollout.end_ids`; None:
-        the tokenizer's EOS).
+        the tokenizer's EOS); `max_new_tokens` is the rollouts' length limit
+        (``method.rollout.max_new_tokens``), a cap on a rewritten completion's length where the
+        policy keeps one (None: no cap).
         """
         k = len(completions) // max(1, len(p_acc))
         return [
-            self.student_completion(ids, p_acc[i // k].item(), tokenizer, end_ids)
+            self.student_completion(ids, p_acc[i // k].item(), tokenizer, end_ids, max_new_tokens)
             for i, ids in enumerate(completions)
         ]
 
@@ -118,6 +129,12 @@ class CaOPD(ConfidenceTargets):
             stays in the loss, against a teacher whose context is the note alone (SDPO's
             feedback-only reprompt, the note as the feedback). Without it a group with P_acc 0
             leaves the loss and never learns to state 0. Needs ``add_note``.
+        cut: where replacement (a) cuts a rollout: ``last``, at the start of its last
+            confidence statement (`strip_confidence`: anything the student wrote after an
+            earlier one stays), or ``first``, the released code's rule: at its first
+            ``Confidence:`` (`strip_confidence_reference`: what follows it goes, trailing
+            whitespace too) and the completion capped at the rollout length (see
+            `student_completion`).
     """
 
     confidence_format: str = "Confidence: {p_acc:.2f}"
@@ -126,9 +143,12 @@ class CaOPD(ConfidenceTargets):
     replace_context: bool = True
     add_note: bool = True
     note_only_rows: bool = False
+    cut: str = "last"
     needs_p_acc = True
 
     def __post_init__(self) -> None:
+        if self.cut not in CUTS:
+            raise out_of_range("method.targets.cut", self.cut, "'last' or 'first'")
         if self.note_only_rows and not self.add_note:
             raise ValueError(
                 "method.targets.note_only_rows=true needs method.targets.add_note=true: a row "
@@ -166,6 +186,7 @@ class CaOPD(ConfidenceTargets):
         p_acc: float,
         tokenizer: PreTrainedTokenizerBase,
         end_ids: list[int] | None = None,
+        max_new_tokens: int | None = None,
     ) -> list[int]:
         """Replacement (a) at the token level.
 
@@ -175,11 +196,19 @@ class CaOPD(ConfidenceTargets):
             tokenizer: the shared tokenizer.
             end_ids: the ids a rollout may end with (None: the tokenizer's EOS); the rewritten
                 completion ends with the tokenizer's EOS.
+            max_new_tokens: with ``cut="first"``, the longest completion (kept tokens,
+                confidence line and EOS) allowed, as the released code caps it at its
+                ``max_completion_length``; kept tokens are dropped from the end until it fits
+                (the released code drops 80 characters of the decoded text at a time; here
+                whole tokens, so that the kept ones stay as sampled). None: no cap. Unused
+                with ``cut="last"``.
 
         Returns:
-            The sampled ids up to the start of the confidence line, then the tokenized
-            ``Confidence: {P_acc:.2f}`` line and EOS. A rollout without a confidence line keeps
-            all its sampled tokens and gains the line at the end.
+            The sampled ids up to the cut (``cut``), then the tokenized confidence line and
+            EOS. A rollout without a confidence line keeps all its sampled tokens (with
+            ``cut="first"``, less trailing whitespace and any cap) and gains the line at the
+            end. ``cut="last"`` starts the line on a new line unless the kept text already
+            ends with one; ``cut="first"`` always writes ``\\n`` before it, as the released code.
         """
         if not self.replace_student:
             return list(ids)
@@ -187,13 +216,31 @@ class CaOPD(ConfidenceTargets):
         ends = [eos] if end_ids is None else end_ids
         body = list(ids[:-1]) if ids and ids[-1] in ends else list(ids)
         text = tokenizer.decode(body)
-        keep_chars = len(strip_confidence(text))
+        strip = strip_confidence_reference if self.cut == "first" else strip_confidence
+        keep_chars = len(strip(text))
         n = _kept_prefix_tokens(body, keep_chars, tokenizer)
         kept_text = tokenizer.decode(body[:n])
         gap = text[len(kept_text) : keep_chars]  # chars of a token straddling the cut, if any
+        if self.cut == "first":
+            return self._capped(body[:n], gap, p_acc, tokenizer, max_new_tokens)
         if not (kept_text + gap).endswith("\n") and (kept_text + gap):
             gap += "\n"
-        new_tail = tokenizer(gap + self.confidence_line(p_acc), add_special_tokens=False)[
-            "input_ids"
-        ]
-        return body[:n] + list(new_tail) + [eos]
+        return body[:n] + _encode(tokenizer, gap + self.confidence_line(p_acc)) + [eos]
+
+    def _capped(
+        self,
+        kept: list[int],
+        gap: str,
+        p_acc: float,
+        tokenizer: PreTrainedTokenizerBase,
+        max_new_tokens: int | None,
+    ) -> list[int]:
+        """``cut="first"``'s completion: `kept` ids, `gap`, ``\\n``, the line and EOS, capped."""
+        line = "\n" + self.confidence_line(p_acc)
+        tail = _encode(tokenizer, gap + line)
+        if max_new_tokens is None or len(kept) + len(tail) + 1 <= max_new_tokens:
+            return kept + tail + [tokenizer.eos_token_id]
+        tail = _encode(tokenizer, line)  # cut inside the kept text: the straddling chars go
+        kept = kept[: max(0, max_new_tokens - 1 - len(tail))]
+        # a line longer than the cap itself is cut too, as the released code's truncation does
+        return (kept + tail)[: max(0, max_new_tokens - 1)] + [tokenizer.eos_token_id]

@@ -303,6 +303,29 @@ def parse_confidence_reference(text: str) -> float | None:
 
 PARSERS = {"default": parse_confidence, "reference": parse_confidence_reference}
 
+_REF_FIRST_LABEL = re.compile(r"confidence:", re.IGNORECASE)
+
+
+def strip_confidence_reference(text: str) -> str:
+    """Cut a response at its *first* ``Confidence:``, as the released CaOPD trainer does.
+
+    The rule of SalesforceAIResearch/CaOPD ``distil_trainer.py``'s CaOPD rewrite (re-implemented,
+    not copied; ``method.targets.cut=first``): everything from the first ``Confidence:`` (any
+    case, the colon right after the word, no word boundary, so ``overconfidence:`` counts) to
+    the end goes, and what is left (all of it when there is no label) loses its trailing
+    whitespace, the newline before the label included. Unlike `strip_confidence` (the last
+    marker wins), whatever follows a first confidence line goes too: a tool-use rollout that
+    states a confidence and then writes another step keeps only its first step.
+
+    Example:
+        >>> strip_confidence_reference("Action: a\\nConfidence: 0.9\\nAction: b\\nConfidence: 0.3")
+        'Action: a'
+        >>> strip_confidence_reference("No overconfidence: here")
+        'No over'
+    """
+    found = _REF_FIRST_LABEL.search(text)
+    return (text if found is None else text[: found.start()]).rstrip()
+
 
 # --- token spans: which completion tokens state the answer and which the confidence ----------
 

@@ -21,6 +21,7 @@ import lightning as L
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lightning_caopd import reference
 from lightning_caopd.calibration import ConfidenceTargets, empirical_accuracy, p_acc_stats
 from lightning_caopd.checkpointing import RNG_KEY, rng_states, set_rng_states
 from lightning_caopd.confidence import parse_confidence
@@ -59,7 +60,7 @@ from lightning_caopd.rollout import (
     shared_prefix_hidden,
     shared_prefix_logits,
 )
-from lightning_caopd.scoring import EvalBatch, EvalScores, evaluate_items
+from lightning_caopd.scoring import EvalBatch, EvalScores, evaluate_items, gather_records
 from lightning_caopd.settings import LossSettings, RolloutSettings
 from lightning_caopd.tasks.base import Task
 from lightning_caopd.templates import TeacherTemplate
@@ -71,6 +72,7 @@ EVAL_DEFAULTS = {
     "teacher_conditioned": True,
     "confidence_readout": "greedy",
     "engine": "hf",
+    "protocol": "default",
 }
 EVAL_ENGINES = ("hf", "vllm")
 FUSED_CHUNK_SIZE = 256  # positions per chunk of the fused divergence when loss.chunk_size is null
@@ -153,7 +155,10 @@ class StudentSystem(L.LightningModule):
             ``temperature``, ``max_prompt_length``), ``scoring``: ``default`` or
             ``reference`` (the released CaOPD scorer's confidence parsing and ECE bins),
             ``confidence_readout``: ``greedy`` (the confidence as written) or ``expected``
-            (`lightning_caopd.readout`), and ``teacher_conditioned`` (`DistillationModule`
+            (`lightning_caopd.readout`), ``protocol``: ``default`` or ``reference`` (the
+            released code's evaluation: the items' own prompts and, in ``metrics.json``'s
+            ``reference`` block, its scorers and metrics over all items,
+            `lightning_caopd.reference`), and ``teacher_conditioned`` (`DistillationModule`
             only: also score the teacher).
         chat_template_kwargs: keyword arguments of every chat-template call (student,
             teacher, evaluation), from ``model.chat_template_kwargs``.
@@ -273,6 +278,7 @@ class StudentSystem(L.LightningModule):
             chats=chats,
             confidence_readout=self.eval_cfg["confidence_readout"],
             engine=engine,
+            protocol=self.eval_cfg["protocol"],
         )
 
     def validation_step(self, batch: list[dict], batch_idx: int) -> None:  # noqa: D102
@@ -284,6 +290,11 @@ class StudentSystem(L.LightningModule):
         result = self.val_scores.compute()
         result["reliability"] = self.val_scores.calibration.reliability_bins()  # every rank
         self.val_scores.reset()
+        self.evaluation_records = gather_records(self.evaluation_records)
+        if self.eval_cfg["protocol"] == "reference":
+            result["reference"] = reference.block(
+                self.evaluation_records, self.task.reports_answer_rate
+            )
         self.evaluation = result
         scalars = {f"val/{k}": float(v) for k, v in result.items() if isinstance(v, int | float)}
         for cat, vals in result["by_category"].items():
@@ -404,7 +415,11 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
         roll = self.sample_rollouts(prompts)  # 1. rollouts
         correct, p_acc = self.verify(batch, roll.texts)  # 2. verify
         completions = self.targets.apply(  # 3. targets
-            roll.completions, p_acc, self.tokenizer, self.engine.stop_ids
+            roll.completions,
+            p_acc,
+            self.tokenizer,
+            self.engine.stop_ids,
+            self.rollout.max_new_tokens,
         )
         teacher = self.teacher_prompts(batch, roll, correct, p_acc)  # 4. teacher inputs
         loss, per_token, mask, student_logits, correction = self.divergence(  # 5. divergence
@@ -530,7 +545,8 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
 
         ``method.loss`` picks the path: full vocabulary or top-k + tail (``topk``), from
         materialised logits or fused with the output heads (``fused``: the bodies run without
-        their heads and no (B*K, T, V) logits exist). Rollouts that carry their sampler's
+        their heads and no (B*K, T, V) logits exist). Both models' logits are divided by
+        ``loss.temperature`` before the divergence. Rollouts that carry their sampler's
         log-probs (`sampled`, from vLLM) get the truncated importance weight (`importance`).
 
         Args:
@@ -557,7 +573,7 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
             mask,
             lambda ids: token_log_probs(student_logits, ids, self.rollout.temperature),
         )
-        kind, beta = self.loss.divergence, self.loss.jsd_beta
+        kind, beta, temperature = self.loss.divergence, self.loss.jsd_beta, self.loss.temperature
         if self.loss.topk is None:
             loss, per_token = divergence_loss(
                 student_logits,
@@ -565,6 +581,7 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
                 mask,
                 kind,
                 beta,
+                temperature=temperature,
                 chunk_size=self.loss.chunk_size,
                 token_weights=weights,
             )
@@ -576,6 +593,7 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
                 k=self.loss.topk,
                 kind=kind,
                 beta=beta,
+                temperature=temperature,
                 token_weights=weights,
             )
         del teacher_logits  # free (B*K, T, V) before backward
@@ -612,6 +630,7 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
             mask,
             kind=self.loss.divergence,
             beta=self.loss.jsd_beta,
+            temperature=self.loss.temperature,
             topk=self.loss.topk,
             chunk_size=chunk,
             token_weights=weights,
@@ -633,7 +652,8 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
             completions: the B*K training completions.
             mask: (B*K, T) the loss mask.
             student_log_probs: (B*K, T) token ids -> the student's log-probs of them at the
-                sampling temperature (from the step's logits or hidden states).
+                sampling temperature (``rollout.temperature``, the sampler's distribution,
+                whatever ``loss.temperature`` is), from the step's logits or hidden states.
 
         Returns:
             The (B*K, T) weights (None: no weighting; also when the engine's correction is

@@ -37,6 +37,7 @@ from lightning_caopd.errors import (
     out_of_range,
 )
 from lightning_caopd.loggers import finish_loggers
+from lightning_caopd.reference import PROTOCOLS
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ def check_config(cfg: DictConfig):
         raise out_of_range("eval.max_new_tokens", tokens, "an integer >= 1")
     if eval_cfg.get("scoring", "default") not in SCORING:
         raise out_of_range("eval.scoring", eval_cfg.get("scoring"), " or ".join(SCORING))
+    if eval_cfg.get("protocol", "default") not in PROTOCOLS:
+        raise out_of_range("eval.protocol", eval_cfg.get("protocol"), " or ".join(PROTOCOLS))
     try:
         return build_datamodule(cfg)
     except InstantiationException as err:

@@ -17,6 +17,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lightning_caopd import reference
 from lightning_caopd.confidence import PARSERS, answer_confidence_tokens
 from lightning_caopd.engines import RolloutEngine
 from lightning_caopd.metrics import CalibrationMetrics
@@ -37,8 +38,10 @@ class EvalBatch:
         category: (N,) index of each item's category in the task's categories.
         answer_entropy: (sum, count) of the student's token entropy (nats) on answer tokens.
         confidence_entropy: (sum, count) of the same on the confidence value's tokens.
-        records: one dict per item (``completions.jsonl``): id, category, the prompt as the
-            model saw it (after any truncation), the completion and its scores.
+        records: one dict per item (``completions.jsonl``): id, category, the item's answer
+            (``gold``), the prompt as the model saw it (after any truncation), the completion
+            and its scores; with ``eval.protocol=reference`` also the reference scorer's
+            verdict (`reference_record`).
     """
 
     confidence: torch.Tensor
@@ -86,6 +89,7 @@ def evaluate_items(
     chats: list[list[dict]] | None = None,
     confidence_readout: str = "greedy",
     engine: RolloutEngine | None = None,
+    protocol: str = "default",
 ) -> EvalBatch:
     """Answer `items` and score every answer and confidence.
 
@@ -101,10 +105,12 @@ def evaluate_items(
     keep the written one as ``confidence_greedy``.
     `engine` (a `lightning_caopd.engines.RolloutEngine` synced to `model`, e.g. vLLM's)
     generates the completions instead of `model`; `model` still scores their tokens.
+    `protocol` ``reference`` scores the items' own chats (no confidence instruction; see
+    `Task.eval_messages`) and keeps the reference scorer's verdict in each record.
     """
     prompts, n_cut = encode_chats(
         tokenizer,
-        [task.student_messages(it) for it in items] if chats is None else chats,
+        [task.eval_messages(it, protocol) for it in items] if chats is None else chats,
         max_prompt_length,
         chat_template_kwargs=chat_template_kwargs,
     )
@@ -148,6 +154,7 @@ def evaluate_items(
             {
                 "id": items[i]["id"],
                 "category": items[i]["category"],
+                "gold": items[i]["answer"],
                 "prompt": tokenizer.decode(prompts[i]),
                 "completion": text,
                 "answer": task.parse_answer(text),
@@ -159,7 +166,39 @@ def evaluate_items(
         if confidence_readout == "expected":
             records[-1]["confidence_greedy"] = None if written[i].isnan() else written[i].item()
             records[-1]["confidence_grid_mass"] = None if mass[i].isnan() else mass[i].item()
+        if protocol == "reference":
+            records[-1]["reference"] = reference_record(task, text, items[i])
     return EvalBatch(conf, correct, category, (a_sum, int(a_n)), (c_sum, int(c_n)), records)
+
+
+def reference_record(task: Task, completion: str, item: dict) -> dict:
+    """The reference scorer's verdict on one completion, as ``completions.jsonl`` keeps it.
+
+    Returns:
+        ``{"correct", "parsed", "format_ok", "confidence"}``: `Task.reference_verdict` and
+        `lightning_caopd.reference.stated_confidence` (0.0 where none is stated).
+    """
+    correct, parsed = task.reference_verdict(completion, item)
+    format_ok, confidence = reference.stated_confidence(completion)
+    return {
+        "correct": bool(correct),
+        "parsed": parsed,
+        "format_ok": format_ok,
+        "confidence": confidence,
+    }
+
+
+def gather_records(records: list[dict]) -> list[dict]:
+    """Every rank's records, rank by rank (the records themselves with one process).
+
+    Under DDP each rank scores its share of the items; ``completions.jsonl`` and the
+    ``reference`` block need them all. Every rank must call this together.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return records
+    shares: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(shares, records)
+    return [r for share in shares for r in share]
 
 
 class EvalScores(nn.Module):

@@ -79,6 +79,11 @@ class LossSettings:
             computes logits one chunk of completion positions at a time from the hidden states
             (`lightning_caopd.divergence.fused`): no (B*K, T, V) logits exist; equal loss and
             gradients.
+        temperature: both models' logits are divided by it before the divergence (> 0), as the
+            released CaOPD code divides them by its sampling temperature; the domain presets
+            set it to ``method.rollout.temperature``. 1.0 compares the models' own
+            distributions. The importance weight of vLLM rollouts always takes the student's
+            log-probs at the sampling temperature, the distribution the sampler drew from.
     """
 
     divergence: str = "forward_kl"
@@ -88,6 +93,7 @@ class LossSettings:
     share_prompt_prefix: bool = True
     topk: int | None = None
     fused: bool = False
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if self.divergence not in DIVERGENCES:
@@ -99,6 +105,12 @@ class LossSettings:
         _int("method.loss.topk", self.topk, 1, allow_none=True)
         if not isinstance(self.fused, bool):
             _fail("method.loss.fused", self.fused, "true or false")
+        if (
+            isinstance(self.temperature, bool)
+            or not isinstance(self.temperature, int | float)
+            or not 0 < self.temperature < float("inf")
+        ):
+            _fail("method.loss.temperature", self.temperature, "a finite number > 0")
         if self.topk is not None and self.chunk_size is not None and not self.fused:
             raise ConfigError(
                 f"method.loss.chunk_size={self.chunk_size} with method.loss.topk={self.topk}: the "

@@ -94,6 +94,78 @@ def test_non_utf8_bytes_decode_to_replacement_characters_and_the_splice_still_wo
         assert text.endswith("Confidence: 0.25") and parse_confidence(text) == 0.25
 
 
+# --- method.targets.cut: where replacement (a) cuts (last: ours; first: the released code) ---
+
+SECOND_STEP = (
+    "Action: a\nAction Input: {}\nConfidence: 0.9\nThought: more\nAction: b\nConfidence: 0.3"
+)
+
+
+def _kept(new: list[int], sampled: list[int], text: str) -> bool:
+    """Whether `new` starts with the sampled tokens of `text` (a prefix of `sampled`'s)."""
+    n = len(ids(text, eos=False))
+    return new[:n] == sampled[:n]
+
+
+def test_cut_last_keeps_a_step_written_after_a_first_confidence_line_and_cut_first_drops_it():
+    sampled = ids(SECOND_STEP)
+    last = CaOPD().student_completion(sampled, 0.5, TOK, max_new_tokens=1000)
+    assert TOK.decode(last, skip_special_tokens=True) == SECOND_STEP[:-3] + "0.50"
+    assert _kept(last, sampled, SECOND_STEP[: -len("Confidence: 0.3")])
+    first = CaOPD(cut="first").student_completion(sampled, 0.5, TOK, max_new_tokens=1000)
+    assert TOK.decode(first, skip_special_tokens=True) == (
+        "Action: a\nAction Input: {}\nConfidence: 0.50"
+    )
+    assert _kept(first, sampled, "Action: a\nAction Input: {}") and first[-1] == TOK.eos_token_id
+
+
+def test_cut_first_matches_overconfidence_and_cut_last_does_not():
+    text = "Answer: B; no overconfidence: here\nConfidence: 0.8"
+    sampled = ids(text)
+    last = TOK.decode(CaOPD().student_completion(sampled, 0.25, TOK), skip_special_tokens=True)
+    assert last == "Answer: B; no overconfidence: here\nConfidence: 0.25"
+    first = CaOPD(cut="first").student_completion(sampled, 0.25, TOK)
+    assert TOK.decode(first, skip_special_tokens=True) == "Answer: B; no over\nConfidence: 0.25"
+    assert _kept(first, sampled, "Answer: B; no over")
+
+
+def test_cut_first_strips_trailing_whitespace_and_always_starts_a_new_line():
+    cut = CaOPD(cut="first")
+    for sampled, want in (
+        ("Answer: 7  \n\n", "Answer: 7\nConfidence: 0.50"),  # no label: trailing space goes
+        ("Answer: 7 Confidence: 0.9", "Answer: 7\nConfidence: 0.50"),
+        ("Confidence: 0.9", "\nConfidence: 0.50"),  # as the reference: "" + "\nConfidence: ..."
+    ):
+        out = cut.student_completion(ids(sampled), 0.5, TOK)
+        assert TOK.decode(out, skip_special_tokens=True) == want and out[-1] == TOK.eos_token_id
+
+
+def test_cut_first_caps_the_completion_at_the_rollout_length():
+    text = "x" * 50 + "\nConfidence: 0.9"
+    sampled = ids(text)
+    line = "\nConfidence: 0.50"
+    first = CaOPD(cut="first")
+    out = first.apply([sampled, ids("A: 1")], torch.tensor([0.5]), TOK, max_new_tokens=24)
+    # kept tokens dropped from the end until kept + line + EOS fit in 24
+    assert len(out[0]) == 24 and out[0][-1] == TOK.eos_token_id
+    assert TOK.decode(out[0], skip_special_tokens=True) == "x" * (23 - len(line)) + line
+    assert out[0][: 23 - len(line)] == sampled[: 23 - len(line)]
+    assert TOK.decode(out[1], skip_special_tokens=True) == "A: 1" + line  # fits: not cut
+    # without a cap, or with cut=last (today's rule, never capped), the whole text is kept
+    uncapped = first.student_completion(sampled, 0.5, TOK)
+    assert TOK.decode(uncapped, skip_special_tokens=True) == "x" * 50 + line
+    last = CaOPD().student_completion(sampled, 0.5, TOK, max_new_tokens=24)
+    assert len(last) == 50 + len(line) + 1
+    # a cap shorter than the line itself: the line is cut too, EOS still last
+    short = first.student_completion(sampled, 0.5, TOK, max_new_tokens=6)
+    assert short == ids(line, eos=False)[:5] + [TOK.eos_token_id]
+
+
+def test_cut_out_of_range_is_a_clear_error():
+    with pytest.raises(ValueError, match="method.targets.cut='middle' is out of range"):
+        CaOPD(cut="middle")
+
+
 def test_caopd_with_one_rollout_is_a_clear_error(toy_base, tiny_overrides, make_cfg, tmp_path):
     overrides = [
         "experiment=caopd",

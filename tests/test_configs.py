@@ -135,6 +135,60 @@ def test_experiments_carry_the_paper_hyper_parameters(experiment, make_cfg, tmp_
 
 
 @pytest.mark.parametrize(
+    "experiment",
+    [
+        "opd_science",
+        "caopd_science",
+        "opd_tooluse",
+        "caopd_tooluse",
+        "sdpo_tooluse",
+        "caopd_sdpo_tooluse",
+        *(f"paper/{name}" for name in _options("experiment/paper")),
+    ],
+)
+def test_domain_presets_follow_the_reference_code_and_the_embedded_default_does_not(
+    experiment, make_cfg, tmp_path
+):
+    # the reference divides both models' logits by the sampling temperature and cuts the
+    # student's completion at its first `Confidence:`; the toy experiments keep 1.0 and `last`
+    overrides = ["data.path=x", "method.rollout.temperature=0.7"]
+    if experiment == "paper/continual_stage2":
+        overrides.append("model.init_from=run")
+    if experiment == "paper/ood_science_eval":
+        overrides.append("data.eval_path=eval.jsonl")
+    cfg = make_cfg([f"experiment={experiment}", *overrides], tmp_path)
+    assert cfg.method.loss.temperature == 0.7
+    is_caopd = cfg.method.targets._target_.endswith("CaOPD")
+    assert is_caopd == ("caopd" in experiment or experiment.startswith("paper/"))
+    assert cfg.method.targets.get("cut") == ("first" if is_caopd else None)
+    for toy in ("opd", "caopd", "sdpo", "caopd_sdpo", "smollm2_caopd"):
+        cfg = make_cfg([f"experiment={toy}", "method.rollout.temperature=0.7"], tmp_path)
+        assert cfg.method.loss.temperature == 1.0
+        assert cfg.method.targets.get("cut", "last") == "last"
+
+
+@pytest.mark.parametrize("k", [2, 4, 8, 16])
+def test_k_ablation_keeps_32_completions_per_optimizer_step(k, make_cfg, tmp_path):
+    overrides = ["experiment=paper/k_ablation", "data.path=x", f"method.rollout.num_rollouts={k}"]
+    cfg = make_cfg(overrides, tmp_path)
+    assert cfg.trainer.accumulate_grad_batches * k * cfg.data.batch_size == 32
+    assert cfg.trainer.accumulate_grad_batches == 32 // k  # K=8: the presets' 4 prompts
+    two = make_cfg([*overrides, "data.batch_size=2"], tmp_path)  # 2 prompts per micro-batch
+    assert two.trainer.accumulate_grad_batches * k * 2 == 32
+
+
+def test_k_ablation_refuses_a_k_that_does_not_divide_32(make_cfg, tmp_path):
+    from lightning_caopd.errors import user_message
+
+    cfg = make_cfg(
+        ["experiment=paper/k_ablation", "data.path=x", "method.rollout.num_rollouts=3"], tmp_path
+    )
+    with pytest.raises(Exception, match="3 does not divide 32") as raised:
+        OmegaConf.select(cfg, "trainer.accumulate_grad_batches")
+    assert user_message(raised.value).startswith("Error: ${caopd.div:32,3}: 3 does not divide")
+
+
+@pytest.mark.parametrize(
     "name, hub",
     [
         ("qwen3_8b", "Qwen/Qwen3-8B"),

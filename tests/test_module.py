@@ -213,6 +213,72 @@ def test_fused_with_lora_on_the_body_equals_unfused():
     _assert_same(_step(unfused), _step(fused), 1e-5)
 
 
+# --- method.loss.temperature: both models' logits divided by it, on every loss path ---------
+
+
+def _by_hand(module, prompts, teacher_prompts, completions, temperature, topk=None):
+    """Forward KL(teacher || student) of softmax(logits / temperature), written out."""
+    with torch.no_grad():
+        s, mask = module.completion_logits(module.student, prompts, completions)  # (N, T, V)
+        t, _ = module.completion_logits(module.teacher, teacher_prompts, completions)
+    s_lp = torch.log_softmax(s.float() / temperature, dim=-1)
+    t_lp = torch.log_softmax(t.float() / temperature, dim=-1)
+    if topk is not None:  # the teacher's top-k tokens and one bucket for the rest
+        index = t_lp.topk(topk, dim=-1).indices  # (N, T, k)
+
+        def coarse(lp):
+            rest = lp.scatter(-1, index, float("-inf")).logsumexp(-1, keepdim=True)
+            return torch.cat([lp.gather(-1, index), rest], dim=-1)  # (N, T, k + 1)
+
+        s_lp, t_lp = coarse(s_lp), coarse(t_lp)
+    per_token = (t_lp.exp() * (t_lp - s_lp)).sum(-1)  # (N, T)
+    mask = mask.bool()
+    per_sequence = (per_token * mask).sum(-1) / mask.sum(-1)
+    return per_sequence[mask.any(-1)].mean()
+
+
+@pytest.mark.parametrize(
+    "path", [{}, {"topk": 7}, {"fused": True}, {"fused": True, "topk": 7}], ids=str
+)
+def test_loss_temperature_divides_both_models_logits(path):
+    tok = build_char_tokenizer()
+    prompts = [tok("ab")["input_ids"], tok("cde")["input_ids"]]
+    teacher_prompts = [tok("xy")["input_ids"], tok("zzz")["input_ids"]]
+    completions = [tok(t)["input_ids"] for t in ("Answer: q", "A", "Conf", "kk", "Answer: l", "z")]
+    losses = {}
+    for temperature in (1.0, 2.0):
+        module = _module(**path, temperature=temperature)
+        loss = module.divergence(prompts, teacher_prompts, completions)[0].detach()
+        topk = path.get("topk")
+        hand = _by_hand(module, prompts, teacher_prompts, completions, temperature, topk)
+        torch.testing.assert_close(loss, hand, atol=1e-5, rtol=1e-5)
+        losses[temperature] = loss.item()
+    assert abs(losses[2.0] - losses[1.0]) > 1e-3 * losses[1.0]
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("inf"), True, "hot"])
+def test_loss_temperature_out_of_range_is_refused(value):
+    with pytest.raises(ValueError, match=r"method\.loss\.temperature=.* is out of range"):
+        LossSettings(temperature=value)
+
+
+# --- method.targets.cut=first: completions capped at the rollout length in the step -------
+
+
+@pytest.mark.parametrize("cut", ["last", "first"])
+def test_training_completions_fit_the_rollout_length_with_cut_first(cut):
+    module = _module()
+    module.targets = CaOPD(cut=cut)
+    module.rollout = RolloutSettings(num_rollouts=3, max_new_tokens=6)
+    torch.manual_seed(0)
+    out = module.training_step(make_items(2, 0, "train", 0), 0)
+    lengths = [len(c) for c in out["step"].completions]
+    eos = module.tokenizer.eos_token_id
+    assert all(c[-1] == eos for c in out["step"].completions)
+    # six sampled tokens leave no room for the line: cut=first caps, cut=last (today's) does not
+    assert (max(lengths) <= 6) == (cut == "first")
+
+
 SDPO_FORMAT = (
     "{prompt}\nCorrect solution:\n\n{context}{note}\n\nCorrectly solve the original question."
 )

@@ -4,6 +4,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+VERIFIERS = ("project", "reference")  # data.task.verifier of the domains the reference scores
+
+
+def check_verifier(verifier: str) -> None:
+    """Refuse an unknown verifier with a sentence naming the choices."""
+    if verifier not in VERIFIERS:
+        raise ValueError(
+            f"verifier must be one of {VERIFIERS}; got {verifier!r} (set `data.task.verifier`)."
+        )
+
 
 def last_user_index(messages: list[dict]) -> int:
     """The index of the last user turn of a chat (where instructions and contexts go)."""
@@ -26,6 +36,8 @@ class Task(ABC):
     """
 
     categories: tuple[str, ...] = ()
+    # the reference's evaluation script for this domain reports `answer_parse_rate` (science)
+    reports_answer_rate: bool = False
 
     def __init__(self, confidence_instruction: str, instruction_role: str = "user") -> None:
         if instruction_role not in ("user", "system"):
@@ -51,6 +63,24 @@ class Task(ABC):
         last_user = last_user_index(out)
         out[last_user]["content"] = f"{out[last_user]['content']}\n{text}"
         return out
+
+    def eval_messages(self, item: dict, protocol: str = "default") -> list[dict]:
+        """The chat an evaluation scores: the student's, or the item's verbatim (``reference``).
+
+        The reference's evaluation scripts apply the chat template to the evaluation rows as
+        they are, with no confidence instruction (``eval.protocol=reference``).
+        """
+        if protocol == "reference":
+            return [dict(m) for m in item["messages"]]
+        return self.student_messages(item)
+
+    def reference_verdict(self, completion: str, item: dict) -> tuple[bool, object]:
+        """``(correct, parsed answer)`` under the reference's evaluation scorer.
+
+        A domain the reference scores (science, tool use) overrides this with its rules
+        (`lightning_caopd.reference`); elsewhere the task's own verifier decides.
+        """
+        return self.verify(completion, item), self.parse_answer(completion)
 
     @abstractmethod
     def parse_answer(self, completion: str) -> str | None:

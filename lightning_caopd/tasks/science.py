@@ -44,8 +44,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from lightning_caopd import reference
 from lightning_caopd.data.loading import row_error
-from lightning_caopd.tasks.base import Task
+from lightning_caopd.tasks.base import Task, check_verifier
 
 ANSWER_FORMATS = ("tag", "lenient")
 ANSWER_FROM_DEMO = "answer_from_demo"  # an item key: its answer came from its demonstration
@@ -339,26 +340,43 @@ class ScienceTask(Task):
             training verifier); ``"lenient"`` also reads answer phrases and a bare letter when
             there is no closed tag, for scoring models never taught the format (see the module
             docstring). Training and evaluation share it.
+        verifier: ``"project"`` (`answer_format`'s rules) or ``"reference"``: the released
+            code's training verifier, which decides its P_acc: the whole content of the last
+            closed tag must be the letter (`lightning_caopd.reference.science_training_answer`;
+            ``(B)`` or ``B.`` is wrong there, right here).
 
     Raises:
-        ValueError: `answer_format` is neither ``"tag"`` nor ``"lenient"``.
+        ValueError: `answer_format` or `verifier` is not one of its choices.
     """
+
+    reports_answer_rate = True
 
     def __init__(
         self,
         confidence_instruction: str = CONFIDENCE_INSTRUCTION,
         categories: tuple[str, ...] | list[str] = ("science",),
         answer_format: str = "tag",
+        verifier: str = "project",
     ) -> None:
         super().__init__(confidence_instruction)
         _check_format(answer_format)
+        check_verifier(verifier)
         self.categories = tuple(categories)
         self.answer_format = answer_format
+        self.verifier = verifier
 
     def parse_answer(self, completion: str) -> str | None:
-        """See `extract_answer`, in the task's answer format."""
+        """See `extract_answer`, in the task's answer format (or the reference's reading)."""
+        if self.verifier == "reference":
+            return reference.science_training_answer(completion)
         return extract_answer(completion, self.answer_format)
 
     def verify(self, completion: str, item: dict) -> bool:
-        """See `verify` (the module function) with the item's letter and answer format."""
+        """Whether the completion states the item's letter, under the task's verifier."""
+        if self.verifier == "reference":
+            return self.parse_answer(completion) == item["answer"].strip().upper()
         return verify(completion, item["answer"], self.answer_format)
+
+    def reference_verdict(self, completion: str, item: dict) -> tuple[bool, str | None]:
+        """The reference's evaluation scorer (`lightning_caopd.reference.science_verdict`)."""
+        return reference.science_verdict(completion, item["answer"])

@@ -34,9 +34,10 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from lightning_caopd import reference
 from lightning_caopd.data.loading import row_error
 from lightning_caopd.errors import DataError
-from lightning_caopd.tasks.base import Task, last_user_index
+from lightning_caopd.tasks.base import Task, check_verifier, last_user_index
 
 MAX_NESTING = 100
 # Possessive quantifiers (`*+`) never re-split a run of spaces; each run is followed by a
@@ -321,15 +322,32 @@ class ToolUseTask(Task):
     Args:
         confidence_instruction: the confidence line of the response format.
         strict: score every call in order (see `verify`) instead of the first call only.
+        verifier: ``"project"`` (`verify`) or ``"reference"``: the released code's scorer,
+            which decides its P_acc and its evaluation (`lightning_caopd.reference.
+            tooluse_verdict`: a missing input is ``{}``, an input that is not JSON is compared
+            as text, the name is the rest of the first ``Action:`` line).
+
+    Raises:
+        ValueError: `verifier` is not one of its choices, or `strict` with the reference's.
     """
 
     categories = ("tooluse",)
 
     def __init__(
-        self, confidence_instruction: str = CONFIDENCE_INSTRUCTION, strict: bool = False
+        self,
+        confidence_instruction: str = CONFIDENCE_INSTRUCTION,
+        strict: bool = False,
+        verifier: str = "project",
     ) -> None:
         super().__init__(confidence_instruction)
+        check_verifier(verifier)
+        if strict and verifier == "reference":
+            raise ValueError(
+                "data.task.strict=true scores every call, the reference's verifier the first "
+                "only: set data.task.verifier=project to score every call."
+            )
         self.strict = strict
+        self.verifier = verifier
 
     def student_messages(self, item: dict) -> list[dict]:
         """The item's chat with the confidence instruction before ``Begin!`` in the user turn."""
@@ -362,5 +380,11 @@ class ToolUseTask(Task):
         return f"{call[0]} {text}"
 
     def verify(self, completion: str, item: dict) -> bool:
-        """See `verify` (the module function) with the item's golden calls."""
+        """See `verify` (the module function) with the item's golden calls, or the reference's."""
+        if self.verifier == "reference":
+            return self.reference_verdict(completion, item)[0]
         return verify(completion, item["answer"], strict=self.strict)
+
+    def reference_verdict(self, completion: str, item: dict) -> tuple[bool, dict | None]:
+        """The reference's scorer (`lightning_caopd.reference.tooluse_verdict`)."""
+        return reference.tooluse_verdict(completion, item["answer"])

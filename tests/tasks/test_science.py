@@ -106,8 +106,9 @@ def test_science_unknown_answer_format_is_refused():
 
 def test_science_config_exposes_the_answer_format(make_cfg, tmp_path):
     cfg = make_cfg(["experiment=caopd_science", f"data.path={SCIENCE}"], tmp_path)
-    assert instantiate(cfg.data.task).answer_format == "tag"
-    overrides = ["experiment=caopd_science", f"data.path={SCIENCE}"]
+    task = instantiate(cfg.data.task)
+    assert task.answer_format == "tag" and task.verifier == "reference"  # the preset's
+    overrides = ["experiment=caopd_science", f"data.path={SCIENCE}", "data.task.verifier=project"]
     cfg = make_cfg([*overrides, "data.task.answer_format=lenient"], tmp_path)
     assert instantiate(cfg.data.task).verify("The answer is B.", {"answer": "B"})
 
