@@ -399,13 +399,6 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
                 "ignore", message=rf"Found {n} module\(s\) in eval mode at the start of training"
             )
 
-    def transfer_batch_to_device(self, batch: list[dict], device, dataloader_idx: int) -> list:
-        """Nothing to move: a batch is a list of items (text), encoded on the device by the step.
-
-        (Lightning would walk every item's messages looking for tensors, every step.)
-        """
-        return batch
-
     def training_step(self, batch: list[dict], batch_idx: int) -> dict | None:
         """One OPD step, following the paper's algorithm box."""
         start = time.perf_counter()

@@ -3,6 +3,7 @@
     python -m lightning_caopd.rescore outputs/run/completions.jsonl
     python -m lightning_caopd.rescore outputs/run/completions.jsonl eval.protocol=reference
     python -m lightning_caopd.rescore eval_responses.json out=paper_metrics.json
+    python -m lightning_caopd.rescore run/completions.jsonl config=run/csv/version_0/hparams.yaml
 
 Reads the ``completions.jsonl`` a training run or ``evaluate`` writes (each record holds the
 item's answer, its category and the raw completion) and scores every completion again with the
@@ -101,22 +102,31 @@ def _from_reference(rows: list[dict], path: Path) -> tuple[list[dict], str]:
 def run_config(path: Path, domain: str | None, overrides: list[str]) -> DictConfig:
     """The config the records were scored with, with `overrides` (``key=value``) applied.
 
-    A run's ``.hydra/config.yaml`` (beside the file or one folder up); for the paper's files,
-    ``conf/data/<domain>.yaml`` with ``eval.protocol=reference``.
+    ``config=FILE`` if given (a run's ``.hydra/config.yaml``, or a logger's ``hparams.yaml``:
+    runs under ``trainer=ddp`` keep no ``.hydra``); else a run's ``.hydra/config.yaml`` beside
+    the file or one folder up; for the paper's files, ``conf/data/<domain>.yaml`` with
+    ``eval.protocol=reference``.
     """
-    for folder in (path.parent, path.parent.parent):
-        if domain is None and (folder / ".hydra" / "config.yaml").is_file():
-            cfg = OmegaConf.load(folder / ".hydra" / "config.yaml")
-            break
-    else:
-        if domain is None:
-            raise ConfigError(
-                f"{path}: no .hydra/config.yaml beside it or one folder up, so the task that "
-                "wrote it is unknown. Keep the file in its run folder."
-            )
+    given = [Path(o.split("=", 1)[1]) for o in overrides if o.startswith("config=")]
+    found = given or [
+        f / ".hydra" / "config.yaml"
+        for f in (path.parent, path.parent.parent)
+        if (f / ".hydra" / "config.yaml").is_file()
+    ]
+    if found and found[0].is_file():
+        cfg = OmegaConf.load(found[0])
+    elif domain is not None and not given:
         data = OmegaConf.load(CONF_DIR / "data" / f"{domain}.yaml")
         cfg = OmegaConf.create({"data": {"task": data.task}, "eval": {"protocol": "reference"}})
-    cfg.merge_with(OmegaConf.from_dotlist([o for o in overrides if not o.startswith("out=")]))
+    else:
+        where = given[0] if given else ".hydra/config.yaml beside it or one folder up"
+        raise ConfigError(
+            f"{path}: no run config ({where}), so the task that scored it is unknown. Keep the "
+            "file in its run folder, or give config=<run dir>/.hydra/config.yaml (or a "
+            "logger's hparams.yaml)."
+        )
+    own = ("out=", "config=")
+    cfg.merge_with(OmegaConf.from_dotlist([o for o in overrides if not o.startswith(own)]))
     protocol = OmegaConf.select(cfg, "eval.protocol", default="default")
     if protocol not in PROTOCOLS:
         raise ConfigError(f"eval.protocol={protocol!r} is out of range: one of {PROTOCOLS}.")

@@ -309,9 +309,16 @@ def chat_template_kwargs(cfg: DictConfig) -> dict:
 
 
 def build_trainer(cfg: DictConfig, **kwargs) -> L.Trainer:
-    """The Trainer of ``cfg.trainer`` with the configured callbacks and loggers."""
+    """The Trainer of ``cfg.trainer`` with the configured callbacks and loggers.
+
+    A run of fewer optimizer steps (``trainer.max_steps``) than ``trainer.log_every_n_steps``
+    logs every ``max_steps`` steps instead, so that its last step's scalars reach the loggers.
+    """
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    steps, every = cfg.trainer.get("max_steps", -1), cfg.trainer.get("log_every_n_steps")
+    if isinstance(steps, int) and steps > 0 and isinstance(every, int) and every > steps:
+        kwargs.setdefault("log_every_n_steps", steps)
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **kwargs)
 
 

@@ -85,6 +85,15 @@ def _records(tmp_path: Path, texts: list[str]) -> Path:
     return path
 
 
+def test_a_config_file_given_by_hand(tmp_path):
+    path = _records(tmp_path, ["<answer>B</answer>\nConfidence: 0.5"])
+    moved = tmp_path / "elsewhere.jsonl"
+    moved.write_text(path.read_text())
+    config = path.parent / ".hydra" / "config.yaml"
+    result = json.loads(rescore.main([str(moved), f"config={config}"])[0].read_text())
+    assert result["accuracy"] == 1.0 and result["mean_confidence"] == 0.5
+
+
 def test_overrides_change_the_parser_and_the_verifier(tmp_path):
     path = _records(
         tmp_path,
@@ -149,5 +158,7 @@ def test_bad_inputs_are_one_sentence_errors(tmp_path):
     bad.write_text('{"completion": "x", "gold": "A", "category": "science"}\n')
     with pytest.raises(ConfigError, match="config.yaml"):
         rescore.main([str(bad)])
+    with pytest.raises(ConfigError, match="nowhere.yaml"):
+        rescore.main([str(bad), f"config={tmp_path / 'nowhere.yaml'}"])
     with pytest.raises(ConfigError, match="Name the completions"):
         rescore.main([])

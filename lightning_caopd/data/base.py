@@ -58,6 +58,15 @@ class ItemDataModule(L.LightningDataModule):
         self.train_items: list = []
         self.eval_items: list[dict] = []
 
+    def transfer_batch_to_device(self, batch: list, device, dataloader_idx: int) -> list:
+        """Nothing to move: a batch is a list of items (text), encoded on the device by the step.
+
+        (Lightning would walk every item's messages looking for tensors, every step.) The hook
+        lives here, not in the LightningModule, where Lightning warns that a DataModule is also
+        given.
+        """
+        return batch
+
     def _check(self) -> None:
         for name, rows in (("training", self.train_items), ("evaluation", self.eval_items)):
             if not rows:
