@@ -31,7 +31,11 @@ class RunDirError(RuntimeError):
     """The output directory is in use by another live run."""
 
 
-USER_ERRORS = (DataError, ConfigError, ResumeError, NonFiniteError, RunDirError)
+class VerifierError(RuntimeError):
+    """A task's verifier raised on a completion (``data.task.on_verifier_error=raise``)."""
+
+
+USER_ERRORS = (DataError, ConfigError, ResumeError, NonFiniteError, RunDirError, VerifierError)
 
 # what the user can do something about when a write fails
 _STORAGE = {

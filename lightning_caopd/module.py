@@ -62,7 +62,7 @@ from lightning_caopd.rollout import (
 )
 from lightning_caopd.scoring import EvalBatch, EvalScores, evaluate_items, gather_records
 from lightning_caopd.settings import LossSettings, RolloutSettings
-from lightning_caopd.tasks.base import Task
+from lightning_caopd.tasks.base import Task, task_scores
 from lightning_caopd.templates import TeacherTemplate
 
 EVAL_DEFAULTS = {
@@ -357,6 +357,7 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
         self.rollout = rollout or RolloutSettings()
         self.loss = loss or LossSettings()
         self.targets = targets or ConfidenceTargets()
+        self.verifier_errors = 0  # completions whose verifier raised (scored 0)
         self.targets.check(self.rollout.num_rollouts)
         self.save_hyperparameters(
             {
@@ -472,13 +473,17 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
         return self.engine.sample(prompts, r.num_rollouts, r.max_new_tokens, r.temperature, r.top_p)
 
     def verify(self, batch: list[dict], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B*K,) verdicts of the rollouts and (B,) P_acc, the share correct per prompt."""
+        """(B*K,) verdicts of the rollouts and (B,) P_acc, their mean score per prompt.
+
+        With a verifier of 0/1 scores P_acc is the share correct; a graded one (partial credit)
+        gives the mean score, and a rollout is correct at ``task.pass_score`` or above.
+        """
         k = self.rollout.num_rollouts
         items = [it for it in batch for _ in range(k)]
-        correct = torch.tensor(
-            [self.task.verify(t, it) for t, it in zip(texts, items, strict=True)]
-        )
-        return correct, empirical_accuracy(correct, k)
+        scores, errors = task_scores(self.task, texts, items)
+        self.verifier_errors += errors
+        score = torch.tensor(scores)
+        return score >= self.task.pass_score, empirical_accuracy(score, k)
 
     def teacher_prompts(
         self, batch: list[dict], roll: Rollouts, correct: torch.Tensor, p_acc: torch.Tensor
@@ -735,6 +740,8 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
             # rollouts left out of the loss for want of a successful sibling (SDPO)
             "train/sdpo_masked_frac": (~teacher.in_loss).float().mean(),
             "train/prompts_truncated": torch.tensor(float(n_cut + teacher.n_cut)),
+            # completions whose verifier raised (scored 0), so far in this run
+            "train/verifier_errors": torch.tensor(float(self.verifier_errors)),
             "train/rollouts_per_s": torch.tensor(n / elapsed),
             "train/tokens_per_s": torch.tensor(sum(len(c) for c in roll.completions) / elapsed),
         }

@@ -38,7 +38,7 @@ from lightning_caopd.errors import ConfigError, DataError, exit_with, user_messa
 from lightning_caopd.files import atomic_write_text
 from lightning_caopd.reference import PROTOCOLS
 from lightning_caopd.scoring import EvalBatch, EvalScores, parse_confidences, reference_record
-from lightning_caopd.tasks.base import Task
+from lightning_caopd.tasks.base import Task, task_scores
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).parent / "conf"
@@ -155,7 +155,7 @@ def rescore(records: list[dict], task: Task, cfg: DictConfig) -> dict:
         else:
             conf = parse_confidences(texts, scoring)
         items = [{**r, "answer": r["gold"]} for r in batch]
-        correct = torch.tensor([task.verify(t, it) for t, it in zip(texts, items, strict=True)])
+        correct = torch.tensor(task_scores(task, texts, items)[0]) >= task.pass_score
         category = torch.tensor(
             [cats.index(r["category"]) if r["category"] in cats else -1 for r in batch]
         )

@@ -31,6 +31,7 @@ from lightning_caopd.callbacks import MetricsWriter
 from lightning_caopd.checkpointing import keep_previous_logs
 from lightning_caopd.errors import (
     ConfigError,
+    DataError,
     ResumeError,
     RunDirError,
     find_cause,
@@ -47,15 +48,17 @@ SUMMARY_KEYS = ("n", "accuracy", "ece", "brier", "format_rate")
 SCORING = ("default", "reference")
 
 
-def check_config(cfg: DictConfig):
+def check_config(cfg: DictConfig, read_rows: bool = True):
     """Check every method and data value at start-up, before any model loads.
 
     Builds ``method.rollout`` and ``method.loss`` (`lightning_caopd.settings`, which check their
-    ranges) and the DataModule (batch sizes, counts; its rows are read later, in ``setup``),
-    and checks ``eval.max_new_tokens``.
+    ranges), the task (importing a user's verifier) and the DataModule (batch sizes, counts),
+    reads a file-backed DataModule's rows (every row made an item: a bad row is reported with
+    its file, row and field), and checks ``eval``.
 
     Args:
         cfg: the composed config.
+        read_rows: read the rows now (``evaluate split=all`` reads its own).
 
     Returns:
         The DataModule, for `build`.
@@ -85,12 +88,19 @@ def check_config(cfg: DictConfig):
     if eval_cfg.get("protocol", "default") not in PROTOCOLS:
         raise out_of_range("eval.protocol", eval_cfg.get("protocol"), " or ".join(PROTOCOLS))
     try:
-        return build_datamodule(cfg)
+        if cfg.get("data", {}).get("task") is not None:
+            instantiate(cfg.data.task)  # imports a user's verifier: a bad path fails here
+        datamodule = build_datamodule(cfg)
     except InstantiationException as err:
-        cause = find_cause(err, ConfigError)
-        if cause is not None:
+        cause = find_cause(err, ValueError)  # ConfigError, DataError, a task's own check
+        if isinstance(cause, ConfigError | DataError):
             raise cause from None
+        if cause is not None:
+            raise ConfigError(str(cause)) from None
         raise
+    if read_rows and hasattr(datamodule, "load_items"):
+        datamodule.setup("fit")  # every row read and made an item, before any model loads
+    return datamodule
 
 
 def resolve_engine(cfg: DictConfig) -> None:

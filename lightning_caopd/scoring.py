@@ -23,7 +23,7 @@ from lightning_caopd.engines import RolloutEngine
 from lightning_caopd.metrics import CalibrationMetrics
 from lightning_caopd.readout import expected_confidences
 from lightning_caopd.rollout import build_batch, completion_logits, encode_chats, sample
-from lightning_caopd.tasks.base import Task
+from lightning_caopd.tasks.base import Task, task_scores
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,8 @@ def evaluate_items(
     written = conf
     if confidence_readout == "expected":
         conf, mass = expected_confidences(model, tokenizer, prompts, roll.completions, roll.texts)
-    correct = torch.tensor([task.verify(t, it) for t, it in zip(roll.texts, items, strict=True)])
+    scores, _ = task_scores(task, roll.texts, items)  # a verifier that raises scores 0
+    correct = torch.tensor(scores) >= task.pass_score
     cats = list(task.categories)
     category = torch.tensor(
         [cats.index(it["category"]) if it["category"] in cats else -1 for it in items]

@@ -17,6 +17,7 @@ evaluation rows that also appear among the training rows are counted.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -25,11 +26,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from lightning_caopd.data.base import ItemDataModule, check_int
-from lightning_caopd.data.loading import load_rows
+from lightning_caopd.data.loading import load_rows, row_error
 from lightning_caopd.errors import DataError
 from lightning_caopd.tasks import science, tooluse
 
 log = logging.getLogger(__name__)
+# what every item carries (`lightning_caopd.tasks.base.Task`); the templates read ``demo``
+ITEM_FIELDS = ("id", "messages", "answer", "demo", "category")
 
 
 def _same_rows(a: str, split_a: str | None, b: str, split_b: str | None) -> bool:
@@ -94,7 +97,9 @@ class RowsDataModule(ItemDataModule):
 
     Args:
         path: training rows (see `lightning_caopd.data.loading.load_rows`).
-        row_to_item: turns ``(row, index, source)`` into an item.
+        row_to_item: turns ``(row, index, source)`` into an item (a function or its dotted
+            path, e.g. ``my_task.row_to_item``); an exception it raises is reported with the
+            file and row, and every item must carry `ITEM_FIELDS`.
         eval_path: evaluation rows; None or the same source as `path` holds rows out of it.
         num_eval: held-out rows (same source) or a cap on evaluation rows (another source;
             None keeps all).
@@ -123,6 +128,10 @@ class RowsDataModule(ItemDataModule):
         check_int("data.split_seed", split_seed, 0)
         self.path = str(path)
         self.eval_path = str(eval_path) if eval_path is not None else self.path
+        if isinstance(row_to_item, str):
+            from lightning_caopd.tasks.custom import import_function
+
+            row_to_item = import_function(row_to_item, "data.row_to_item")
         self.row_to_item = row_to_item
         self.num_eval = num_eval
         self.limit = limit
@@ -141,7 +150,7 @@ class RowsDataModule(ItemDataModule):
             The items, in source order.
         """
         rows = load_rows(source, split)[: self.limit]
-        items = [self.row_to_item(row, i, source) for i, row in enumerate(rows)]
+        items = [self._item(row, i, source) for i, row in enumerate(rows)]
         derived = sum(bool(it.pop(science.ANSWER_FROM_DEMO, False)) for it in items)
         if derived:
             log.info(
@@ -152,6 +161,28 @@ class RowsDataModule(ItemDataModule):
                 len(items),
             )
         return items
+
+    def _item(self, row: dict, index: int, source: str) -> dict:
+        """`row_to_item` of one row, its exceptions and missing fields reported with the row."""
+        name = getattr(self.row_to_item, "__name__", None) or getattr(
+            getattr(self.row_to_item, "func", None), "__name__", "row_to_item"
+        )
+        try:
+            item = self.row_to_item(row, index, source)
+        except DataError:
+            raise
+        except Exception as err:  # the user's code: say which row it failed on
+            raise DataError(
+                f"{source}, row {index + 1}: {name} raised {type(err).__name__}: {err}. Fix the "
+                "row, or the function that turns rows into items."
+            ) from err
+        missing = [k for k in ITEM_FIELDS if not isinstance(item, dict) or k not in item]
+        if missing:
+            raise DataError(
+                f"{source}, row {index + 1}: the item {name} made has no {missing}. Every item "
+                f"needs {list(ITEM_FIELDS)} (`demo`: the teacher's privileged context)."
+            )
+        return item
 
     def setup(self, stage: str | None = None) -> None:
         """Read and split the rows (once; later calls keep them)."""
@@ -224,3 +255,121 @@ class ToolUseDataModule(RowsDataModule):
 
     def __init__(self, path: str, **kwargs) -> None:
         super().__init__(path, tooluse.row_to_item, **kwargs)
+
+
+FIELDS = {
+    "prompt": "prompt",
+    "messages": None,
+    "system": None,
+    "answer": "answer",
+    "context": None,
+    "category": None,
+    "id": None,
+}
+
+
+def row_from_fields(row: dict, index: int, source: str, fields: dict) -> dict:
+    """An item from a row of one's own, by field names (``data.fields``).
+
+    Args:
+        row: the raw row (a JSON object).
+        index: its 0-based position in `source`.
+        source: the file it came from.
+        fields: which row field holds what: ``prompt`` (a string: one user turn, or a chat list)
+            or ``messages`` (a chat list), ``system`` (a system message), ``answer``,
+            ``context`` (the teacher's privileged context; None: the answer as text),
+            ``category`` and ``id``; None where the rows have no such field.
+
+    Returns:
+        ``{"id", "messages", "answer", "demo", "category", "row"}``; ``row`` is the raw row,
+        for a verifier that needs its other fields.
+
+    Raises:
+        DataError: a named field missing or of the wrong type, naming the file, row and field.
+    """
+    if not isinstance(row, dict):
+        raise DataError(f"{source}, row {index + 1}: {type(row).__name__} is not a JSON object.")
+
+    def get(key: str, required: bool = True):
+        name = fields.get(key)
+        if name is None:
+            return None
+        if name not in row or row[name] is None:
+            if not required:
+                return None
+            raise row_error(
+                source,
+                index,
+                name,
+                "is missing",
+                f"data.fields.{key}={name!r} names it; fix the row, or the field's name.",
+            )
+        return row[name]
+
+    chat = get("messages") if fields.get("messages") else get("prompt")
+    if isinstance(chat, str) and chat.strip():
+        messages = [{"role": "user", "content": chat}]
+    elif (
+        isinstance(chat, list)
+        and chat
+        and all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in chat
+        )
+    ):
+        messages = [{"role": m["role"], "content": m["content"]} for m in chat]
+    else:
+        key = "messages" if fields.get("messages") else "prompt"
+        raise row_error(
+            source,
+            index,
+            str(fields.get(key)),
+            "is neither a non-empty string nor a chat list",
+            'Give the question as text, or as [{"role": "user", "content": ...}].',
+        )
+    system = get("system", required=False)
+    if isinstance(system, str) and system:
+        messages = [{"role": "system", "content": system}, *messages]
+    answer = get("answer")
+    context = get("context")
+    if context is None:
+        context = answer if isinstance(answer, str) else json.dumps(answer, ensure_ascii=False)
+    category = get("category", required=False)
+    given_id = get("id", required=False)
+    return {
+        "id": str(given_id) if given_id is not None else f"{Path(source).stem}-{index}",
+        "messages": messages,
+        "answer": answer,
+        "demo": str(context),
+        "category": str(category) if category is not None else "default",
+        "row": row,
+    }
+
+
+class JsonlDataModule(RowsDataModule):
+    """Rows of one's own (``data=jsonl``): a JSON Lines file, fields named by ``fields``.
+
+    Args:
+        path: training rows (see `lightning_caopd.data.loading.load_rows`).
+        fields: row field names by role (`FIELDS` gives the defaults: ``prompt`` and
+            ``answer``); see `row_from_fields`.
+        **kwargs: see `RowsDataModule`.
+
+    Raises:
+        ConfigError: a role that `FIELDS` does not know.
+    """
+
+    def __init__(self, path: str, fields: dict | None = None, **kwargs) -> None:
+        unknown = sorted(set(fields or {}) - set(FIELDS))
+        if unknown:
+            from lightning_caopd.errors import ConfigError
+
+            raise ConfigError(
+                f"data.fields has {unknown}, which it does not know; its keys are {list(FIELDS)}."
+            )
+        self.fields = {**FIELDS, **(fields or {})}
+        convert = functools.partial(row_from_fields, fields=self.fields)
+        functools.update_wrapper(convert, row_from_fields)
+        super().__init__(path, convert, **kwargs)

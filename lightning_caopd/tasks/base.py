@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
+
+from lightning_caopd.errors import ConfigError, VerifierError
+
+log = logging.getLogger(__name__)
+ON_VERIFIER_ERROR = ("count", "raise")
 
 VERIFIERS = ("project", "reference")  # data.task.verifier of the domains the reference scores
 
@@ -36,6 +42,12 @@ class Task(ABC):
     """
 
     categories: tuple[str, ...] = ()
+    # a rollout (and an evaluated answer) counts as correct at this score or above; P_acc is
+    # the mean score of a prompt's rollouts (the share correct when scores are 0 or 1)
+    pass_score: float = 1.0
+    # a verifier that raises: "count" scores the completion 0 (logged, train/verifier_errors),
+    # "raise" stops the run
+    on_verifier_error: str = "count"
     # the reference's evaluation script for this domain reports `answer_parse_rate` (science)
     reports_answer_rate: bool = False
 
@@ -89,3 +101,51 @@ class Task(ABC):
     @abstractmethod
     def verify(self, completion: str, item: dict) -> bool:
         """Whether `completion` answers `item` correctly."""
+
+    def score(self, completion: str, item: dict) -> float:
+        """The completion's score in [0, 1]: 1.0 or 0.0 (a task with partial credit grades)."""
+        return 1.0 if self.verify(completion, item) else 0.0
+
+
+_REPORTED: set[tuple[str, str]] = set()  # (task class, exception type) already logged
+
+
+def task_scores(task: Task, completions: list[str], items: list[dict]) -> tuple[list[float], int]:
+    """Every completion's `Task.score`, and how many of them the verifier failed to score.
+
+    A verifier that raises scores its completion 0.0 and is logged once per task and kind of
+    exception, with the item id and the completion; with ``task.on_verifier_error == "raise"``
+    a `VerifierError` naming both stops the run instead.
+    """
+    scores, errors = [], 0
+    for text, item in zip(completions, items, strict=True):
+        try:
+            value = float(task.score(text, item))
+        except Exception as err:
+            where = (
+                f"The verifier of {type(task).__name__} failed on item {item.get('id')!r} "
+                f"({type(err).__name__}: {err}); completion: {text[:200]!r}."
+            )
+            if task.on_verifier_error == "raise":
+                raise VerifierError(
+                    f"{where} Fix the verifier, or set data.task.on_verifier_error=count to "
+                    "score such completions 0 and go on."
+                ) from err
+            key = (type(task).__name__, type(err).__name__)
+            if key not in _REPORTED:
+                _REPORTED.add(key)
+                log.warning("%s It is scored 0 (train/verifier_errors counts such).", where)
+            scores.append(0.0)
+            errors += 1
+            continue
+        scores.append(float(value))
+    return scores, errors
+
+
+def check_on_verifier_error(value: str) -> None:
+    """Refuse an unknown ``data.task.on_verifier_error``."""
+    if value not in ON_VERIFIER_ERROR:
+        raise ConfigError(
+            f"data.task.on_verifier_error={value!r} is out of range: it must be 'count' (score "
+            "0 and go on) or 'raise' (stop the run)."
+        )

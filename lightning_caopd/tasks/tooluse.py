@@ -145,6 +145,20 @@ def parse_first_call(completion: str) -> tuple[str, object] | None:
     return None if first is None or first[1] is None else first
 
 
+def _nesting(value: object) -> int:
+    """How deep objects and arrays nest in a parsed JSON value (iterative: no recursion)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            depth += 1
+            deepest = max(deepest, depth)
+            if depth > MAX_NESTING:
+                return depth
+            stack.extend((v, depth) for v in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
 def _golden_input(value) -> object:
     """A golden ``Action_Input`` (JSON text or an object) as a parsed object."""
     if value is None or (isinstance(value, str) and not value.strip()):
@@ -275,9 +289,20 @@ def row_to_item(row: dict, index: int, source: str) -> dict:
             '"{}"}]; fix the row or remove it.',
         )
     try:
-        golden_calls(golden)
+        calls = golden_calls(golden)
     except DataError as err:
         raise row_error(source, index, "golden_answer", "is malformed", str(err)) from None
+    except RecursionError:  # nested past the JSON parser's limit
+        calls = None
+    if calls is None or any(_nesting(value) > MAX_NESTING for _, value in calls):
+        raise row_error(
+            source,
+            index,
+            "golden_answer",
+            f"nests objects and arrays more than {MAX_NESTING} deep",
+            "No API takes such an input, and scoring it would exhaust Python's recursion "
+            "limit; fix the row or remove it.",
+        )
     if isinstance(golden, str):
         golden = json.loads(golden)
     if isinstance(golden, dict):
