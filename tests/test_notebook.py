@@ -1,6 +1,7 @@
 """The notebook runs headless on the tiny configuration and shows the table and the figures;
 its committed copy holds the outputs of such a run."""
 
+import json
 from pathlib import Path
 
 import nbformat
@@ -49,3 +50,29 @@ def test_notebook_runs_tiny(toy_base, tmp_path, monkeypatch):
         "reliability.png",
     ):
         assert (out / name).stat().st_size > 0
+
+
+OWN_TASK = ROOT / "notebooks" / "own_task.ipynb"
+
+
+def test_own_task_notebook_is_committed_with_its_outputs():
+    nb = nbformat.read(OWN_TASK, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    outputs = [o for c in code for o in c.outputs]
+    assert [c.execution_count for c in code] == [1]
+    assert not any(o.output_type == "error" for o in outputs)
+    printed = "".join(o.get("text", "") for o in outputs if o.get("name") == "stdout")
+    assert "'n': 12" in printed and "['Africa', 'Asia', 'Europe']" in printed
+
+
+@pytest.mark.slow
+def test_own_task_notebook_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAOPD_NB_OUT", str(tmp_path))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    nb = nbformat.read(OWN_TASK, as_version=4)
+    NotebookClient(
+        nb, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+    ).execute()
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["n"] == 12 and metrics["run"]["steps"] == 3 and metrics["initial"]["n"] == 12
+    assert set(metrics["by_category"]) == {"Europe", "Asia", "Africa"}

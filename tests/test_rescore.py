@@ -162,3 +162,9 @@ def test_bad_inputs_are_one_sentence_errors(tmp_path):
         rescore.main([str(bad), f"config={tmp_path / 'nowhere.yaml'}"])
     with pytest.raises(ConfigError, match="Name the completions"):
         rescore.main([])
+
+
+def test_a_path_with_an_equals_sign_is_a_file(tmp_path):
+    path = _records(tmp_path / "experiment=caopd", ["<answer>B</answer>\nConfidence: 0.5"])
+    out = rescore.main([str(path), "eval.protocol=reference"])[0]
+    assert json.loads(out.read_text())["reference"]["accuracy"] == 1.0
