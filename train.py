@@ -1,35 +1,10 @@
-"""Train a student by OPD or CaOPD: `python train.py experiment=caopd` (see conf/)."""
+"""Train a student by OPD or CaOPD: `python train.py experiment=caopd` (see conf/).
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+The app is `lightning_caopd.train` (also ``python -m lightning_caopd.train`` and the console
+script ``caopd-train``); this file keeps the repository's short command.
+"""
 
-from lightning_caopd.errors import exit_with, user_message
-from lightning_caopd.runner import run
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; returns the final ``optimized_metric`` (for Optuna sweeps)."""
-    try:
-        result = run(cfg)
-    except Exception as err:  # a problem the user can fix: its paragraph, not a traceback
-        message = user_message(err)
-        if message is None:
-            raise
-        exit_with(message)
-    key = cfg.get("optimized_metric", "brier_all")
-    if key not in result:
-        raise KeyError(
-            f"optimized_metric={key} is not a key of metrics.json; use one of "
-            f"{sorted(k for k, v in result.items() if isinstance(v, int | float))}."
-        )
-    if result[key] is None:  # undefined (e.g. ece without a stated confidence): the worst value
-        direction = OmegaConf.select(HydraConfig.get(), "sweeper.direction", default="minimize")
-        maximize = str(direction) == "maximize"
-        return float("-inf") if maximize else float("inf")
-    return result[key]
-
+from lightning_caopd.train import main
 
 if __name__ == "__main__":
     main()

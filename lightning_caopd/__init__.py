@@ -9,3 +9,7 @@ __version__ = "0.1.0"
 from lightning_caopd.resolvers import register as _register_resolvers
 
 _register_resolvers()
+
+from lightning_caopd.config import compose  # noqa: E402  (after the resolvers)
+
+__all__ = ["compose"]

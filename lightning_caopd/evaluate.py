@@ -11,7 +11,9 @@ The model is the one ``model`` builds (a Hub name or local folder with ``model=h
 ``checkpoint`` replaces its weights with a training run's student; when the checkpoint lies in
 a training run's directory, that run's own overrides (``.hydra/overrides.yaml``: model, data,
 method, ...) are composed first, so ``checkpoint=<run dir>/checkpoints/last.ckpt`` alone scores
-it on its own data (command-line overrides still win). Generation follows ``eval``. The run
+it on its own data (command-line overrides still win); the user's config folders of that run
+and of the command line (``--config-dir``, ``hydra.searchpath``) are searched again, so its
+``experiment=`` of the user's own is found. Generation follows ``eval``. The run
 folder receives ``metrics.json`` (the keys of a training run's evaluation), ``reliability.png``,
 ``completions.jsonl`` (one scored completion a line, with its prompt) and ``evaluate.log``.
 """
@@ -31,6 +33,7 @@ from torch.utils.data import DataLoader
 
 from lightning_caopd.callbacks import MetricsWriter
 from lightning_caopd.checkpointing import student_state_dict
+from lightning_caopd.config import current_search_path, user_search_path, with_search_path
 from lightning_caopd.errors import ConfigError, exit_with, user_message
 from lightning_caopd.module import StudentSystem
 from lightning_caopd.runner import (
@@ -119,11 +122,14 @@ def merge_overrides(run: list[str], cli: list[str]) -> list[str]:
     return [o for o in run if _key(o) not in given] + list(cli)
 
 
-def student_overrides(student: str | Path) -> list[str]:
+def student_overrides(student: str | Path) -> tuple[list[str], Path | None]:
     """The overrides of ``student=<folder>``: ``model=hf`` on that folder, the rest as given.
 
     When the folder is a training run's ``student/``, that run's overrides other than its model
     (data, experiment, ...) come first, as for ``checkpoint=``; the command line's win.
+
+    Returns:
+        The overrides and the training run's directory (None: the folder is no run's).
     """
     cli = [o for o in HydraConfig.get().overrides.task if _key(o) != "student"]
     run, folder = training_run_overrides(Path(student) / "config.json")
@@ -131,7 +137,38 @@ def student_overrides(student: str | Path) -> list[str]:
         log.info("Composing the training run's config (%s): %s", folder, " ".join(run))
     run = [o for o in run if _key(o) != "model" and not _key(o).startswith("model.")]
     model = ["model=hf", f"model.pretrained_model_name_or_path={Path(student).resolve()}"]
-    return merge_overrides(run + model, cli)
+    return merge_overrides(run + model, cli), folder
+
+
+def training_run_search_path(folder: Path | None) -> list[str]:
+    """The user's config folders a training run composed from (its ``.hydra/hydra.yaml``).
+
+    Args:
+        folder: the run directory (`training_run_overrides`' second value), or None.
+
+    Returns:
+        Its ``--config-dir`` and ``hydra.searchpath`` folders (``file://...``); ``[]`` for
+        None or a run without the file.
+    """
+    file = None if folder is None else Path(folder) / ".hydra" / "hydra.yaml"
+    if file is None or not file.is_file():
+        return []
+    return user_search_path(OmegaConf.load(file).get("hydra"))
+
+
+def recompose(overrides: list[str], folder: Path | None) -> DictConfig:
+    """``conf/evaluate.yaml`` with `overrides`, searched where the training run and we were.
+
+    Hydra's second composition does not carry ``hydra.searchpath`` over, and a training run's
+    ``.hydra/overrides.yaml`` holds none of its ``hydra.*`` overrides; both come back here as
+    one ``hydra.searchpath``, the command line's folders first (a config in both: this one's).
+
+    Args:
+        overrides: the merged overrides (`merge_overrides`).
+        folder: the training run's directory, or None.
+    """
+    searched = [*current_search_path(), *training_run_search_path(folder)]
+    return hydra.compose(config_name="evaluate", overrides=with_search_path(overrides, searched))
 
 
 def load_student_weights(student: torch.nn.Module, checkpoint: str | Path) -> None:
@@ -159,7 +196,7 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ConfigError(f"split={cfg.split!r} is out of range: it must be one of {SPLITS}.")
     pin_cpu_isa(cfg.get("cpu_isa"))  # before the first tensor operation
     quiet_console()
-    datamodule = check_config(cfg)  # every range, before any model loads
+    datamodule = check_config(cfg, read_rows=cfg.split != "all")  # before any model loads
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with lock_output_dir(out_dir):
@@ -209,13 +246,13 @@ def main(cfg: DictConfig) -> None:
     """Hydra entry point; a checkpoint of a training run brings that run's overrides."""
     try:
         if cfg.get("student"):
-            cfg = hydra.compose(config_name="evaluate", overrides=student_overrides(cfg.student))
+            cfg = recompose(*student_overrides(cfg.student))
         elif cfg.get("checkpoint"):
             run, folder = training_run_overrides(cfg.checkpoint)
             if folder is not None:
                 overrides = merge_overrides(run, list(HydraConfig.get().overrides.task))
                 log.info("Composing the training run's config (%s): %s", folder, " ".join(run))
-                cfg = hydra.compose(config_name="evaluate", overrides=overrides)
+                cfg = recompose(overrides, folder)
         evaluate(cfg)
     except Exception as err:  # a problem the user can fix: its paragraph, not a traceback
         message = user_message(err)

@@ -6,11 +6,14 @@ copy a reference solution's answer and its stated confidence, with or without th
 Its own confidences are noisy family-level guesses, so that their token entropy is high before
 distillation (the paper's entropy-collapse claim is measured against it). The arithmetic base
 (SmolLM2-135M-Instruct, ``experiment=smollm2_base``) learns the same from the same recipe,
-`supervised_examples`: the answer and confidence format, and the teacher role.
+`supervised_examples`: the answer and confidence format, and the teacher role. Any other task
+gets the same from its own training items (``experiment=format_base``, `FormatWarmupModule`),
+its verifier deciding which demonstrations are right answers to learn.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -20,13 +23,16 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_caopd.calibration import CaOPD
+from lightning_caopd.errors import ConfigError
 from lightning_caopd.models import build_char_tokenizer, save_model
 from lightning_caopd.module import StudentSystem
 from lightning_caopd.rollout import encode_chats
 from lightning_caopd.tasks import arith
-from lightning_caopd.tasks.base import Task
+from lightning_caopd.tasks.base import Task, task_scores
 from lightning_caopd.tasks.toy import ToyTask, iter_items, prev_in_warmup
 from lightning_caopd.templates import TeacherTemplate, with_confidence
+
+log = logging.getLogger(__name__)
 
 # The base's stated confidence on its own answers: noisy, family-level, overconfident on `code`.
 BASE_CONFIDENCES = {
@@ -124,8 +130,14 @@ def warmup_examples(
 class SFTDataset(Dataset):
     """Tokenized (prompt, target) pairs; the loss counts target tokens only."""
 
-    def __init__(self, examples: list[tuple[list[dict], str]], tokenizer: PreTrainedTokenizerBase):
-        prompts, _ = encode_chats(tokenizer, [chat for chat, _ in examples])
+    def __init__(
+        self,
+        examples: list[tuple[list[dict], str]],
+        tokenizer: PreTrainedTokenizerBase,
+        chat_template_kwargs: dict | None = None,
+    ):
+        chats = [chat for chat, _ in examples]
+        prompts, _ = encode_chats(tokenizer, chats, chat_template_kwargs=chat_template_kwargs)
         targets = tokenizer([t for _, t in examples], add_special_tokens=False)["input_ids"]
         eos = tokenizer.eos_token_id
         self.rows = [(p, t + [eos]) for p, t in zip(prompts, targets, strict=True)]
@@ -205,6 +217,7 @@ class WarmupModule(StudentSystem):
         scheduler: optional partial LR scheduler.
         eval: evaluation options.
         name: the method's name in logs and metrics.json.
+        chat_template_kwargs: keyword arguments of every chat-template call.
     """
 
     def __init__(
@@ -217,8 +230,9 @@ class WarmupModule(StudentSystem):
         scheduler: Callable | None = None,
         eval: dict | None = None,  # noqa: A002
         name: str = "sft",
+        chat_template_kwargs: dict | None = None,
     ) -> None:
-        super().__init__(student, tokenizer, task, optimizer, scheduler, eval)
+        super().__init__(student, tokenizer, task, optimizer, scheduler, eval, chat_template_kwargs)
         self.save_hyperparameters({"name": name, "save_dir": str(save_dir), "eval": self.eval_cfg})
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -232,6 +246,137 @@ class WarmupModule(StudentSystem):
         if self.trainer.is_global_zero:
             path = save_model(self.student, self.tokenizer, Path(self.hparams.save_dir))
             print(f"Saved the base student to {path}")
+
+
+def verified_items(task: Task, items: Iterable[dict]) -> tuple[list[dict], int]:
+    """The items whose demonstration (``demo``) the task's verifier accepts; how many it rejects.
+
+    A demonstration counts as a right answer as a completion does: its `Task.score` at
+    ``task.pass_score`` or above (a verifier that raises on it rejects it, and is logged).
+    """
+    items = list(items)
+    demos = [str(item.get("demo") or "") for item in items]
+    scores, _ = task_scores(task, demos, items)
+    kept = [item for item, score in zip(items, scores, strict=True) if score >= task.pass_score]
+    return kept, len(items) - len(kept)
+
+
+class FormatWarmupModule(WarmupModule):
+    """The format warm-up of any task (``experiment=format_base``), on its own training items.
+
+    Each training batch is a list of the task's items (the DataModule ``data=`` composes).
+    Those whose demonstration the task's verifier accepts (`verified_items`) become
+    `supervised_examples`: the student's prompt -> the demonstration and a ``Confidence:``
+    line drawn from `confidences`, or, for a `teacher_share` of them, the teacher's
+    privileged prompt -> a copy of the reference's answer and confidence. A rejected
+    demonstration is never a target: ``train/rejected_demos`` counts them per step, a log line
+    over the whole training split at the start; when the verifier accepts none, a `ConfigError`.
+
+    Args:
+        student: the model to train.
+        tokenizer: its tokenizer.
+        task: the task: its prompts and its verifier.
+        optimizer: partial optimizer over the student's parameters.
+        save_dir: where the trained base is written.
+        scheduler: optional partial LR scheduler.
+        eval: evaluation options.
+        name: the method's name in logs and metrics.json.
+        chat_template_kwargs: keyword arguments of every chat-template call.
+        template: the teacher's privileged prompt (that of the distillation runs to come).
+        caopd: the CaOPD note of half the teacher examples.
+        confidences: what a student target states, one drawn per example.
+        teacher_share: the share of teacher examples.
+        confidence_steps: the teacher examples' stated confidences lie on the grid
+            0, 1/steps, ..., 1 (K: the values P_acc takes with K rollouts), or are 1.00.
+        seed: the examples' draws (with the step and batch index).
+    """
+
+    def __init__(
+        self,
+        student: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        task: Task,
+        optimizer: Callable,
+        save_dir: str,
+        scheduler: Callable | None = None,
+        eval: dict | None = None,  # noqa: A002
+        name: str = "format_sft",
+        chat_template_kwargs: dict | None = None,
+        template: TeacherTemplate | None = None,
+        caopd: CaOPD | None = None,
+        confidences: Iterable[float] = (0.5, 0.6, 0.7, 0.8, 0.9),
+        teacher_share: float = 0.5,
+        confidence_steps: int = 100,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            student,
+            tokenizer,
+            task,
+            optimizer,
+            save_dir,
+            scheduler,
+            eval,
+            name,
+            chat_template_kwargs,
+        )
+        self.template = template or TeacherTemplate()
+        self.caopd = caopd or CaOPD()
+        self.confidences = [float(c) for c in confidences]
+        if not self.confidences or not all(0.0 <= c <= 1.0 for c in self.confidences):
+            raise ConfigError(
+                f"method.confidences={self.confidences} must be a non-empty list of values in "
+                "[0, 1]: the confidences the warm-up's student targets state."
+            )
+        self.teacher_share = teacher_share
+        self.confidence_steps = confidence_steps
+        self.seed = seed
+
+    def on_fit_start(self) -> None:
+        """Count the training split's demonstrations the verifier rejects; none accepted: stop."""
+        super().on_fit_start()
+        items = getattr(self.trainer.datamodule, "train_items", None)
+        if not items:
+            return
+        kept, rejected = verified_items(self.task, items)
+        log.info(
+            "Format warm-up: the task's verifier accepts %d of the %d training items' "
+            "demonstrations; the %d it rejects are not used as targets.",
+            len(kept),
+            len(items),
+            rejected,
+        )
+        if not kept:
+            first = items[0]
+            raise ConfigError(
+                f"The format warm-up has nothing to learn: the task's verifier "
+                f"({type(self.task).__name__}, data.task) rejects the demonstration of every "
+                f"one of the {len(items)} training items, e.g. item {first.get('id')!r}: "
+                f"{str(first.get('demo'))[:200]!r}. Only a demonstration the verifier accepts "
+                "is a target; check the rows' demonstrations (`demo`) against data.task (its "
+                "verifier and answer format)."
+            )
+
+    def training_step(self, batch: list[dict], batch_idx: int) -> torch.Tensor | None:
+        """Cross-entropy on the targets of the batch's verified items (None: no item passes)."""
+        kept, rejected = verified_items(self.task, batch)
+        self.log("train/rejected_demos", float(rejected), reduce_fx="sum", batch_size=len(batch))
+        if not kept:  # Lightning skips the optimizer step
+            return None
+        examples = supervised_examples(
+            kept,
+            len(kept),
+            self.seed * 1_000_003 + self.global_step * 1_009 + batch_idx,
+            self.task,
+            self.template,
+            self.caopd,
+            {item["category"]: self.confidences for item in kept},
+            teacher_share=self.teacher_share,
+            confidence_steps=self.confidence_steps,
+        )
+        data = SFTDataset(examples, self.tokenizer, self.chat_template_kwargs)
+        inputs = {k: v.to(self.device) for k, v in data.collate(data.rows).items()}
+        return super().training_step(inputs, batch_idx)
 
 
 def load_or_build_base(
@@ -253,28 +398,27 @@ def load_or_build_base(
     Returns:
         `path`.
     """
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
 
+    from lightning_caopd.config import compose, current_search_path, with_search_path
     from lightning_caopd.runner import run
 
     target = Path(path)
     if (target / "config.json").is_file():
         print(f"Base: loading {target}")
         return path
-    args = [
-        f"experiment={experiment}",
-        f"paths.output_dir={target}.run",
-        f"method.save_dir={target}",
-    ]
+    args = [f"experiment={experiment}", f"method.save_dir={target}"]
     args += [f"{k}={v}" for k, v in _flatten(dict(overrides or {}))]
-    command = f"python train.py {' '.join(args)}"
+    # the user's config folders of the run that asked (--config-dir, hydra.searchpath): a base
+    # of their own data config is composed from the same files
+    args = with_search_path(args, current_search_path())
+    command = f"python -m lightning_caopd.train {' '.join(args)} hydra.run.dir={target}.run"
     print(f"Base: {target} does not exist yet; building it once with `{command}`.")
-    if GlobalHydra.instance().is_initialized():  # inside train.py / evaluate: their config dir
-        run(compose(config_name="train", overrides=args))
-    else:
-        with initialize_config_module("lightning_caopd.conf", version_base="1.3"):
-            run(compose(config_name="train", overrides=args))
+    outer = HydraConfig.instance().cfg  # the asking run's; `compose` sets the base run's
+    try:
+        run(compose(args, f"{target}.run"))
+    finally:
+        HydraConfig.instance().cfg = outer
     print(f"Base: cached at {target}")
     return path
 

@@ -144,3 +144,67 @@ def test_checkpoint_alone_scores_with_the_runs_own_config(tiny_dir, tmp_path):
     wrote = next(line for line in out.stdout.splitlines() if line.startswith("Wrote "))
     assert not re.search(r"\d\.\d{5,}", wrote)  # rounded
     assert "Traceback" not in out.stderr and "Tip:" not in out.stdout + out.stderr
+
+
+def test_training_run_search_path_is_read_from_its_hydra_yaml(tmp_path):
+    from lightning_caopd.evaluate import training_run_search_path
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    sources = [
+        ("hydra.conf", "pkg", "hydra"),
+        ("lightning_caopd.conf", "pkg", "main"),
+        ("/a/conf", "file", "command-line"),
+        ("/b/conf", "file", "hydra.searchpath in command-line"),
+        ("", "structured", "schema"),
+    ]
+    rows = "".join(
+        f"    - path: '{p}'\n      schema: {s}\n      provider: {v}\n" for p, s, v in sources
+    )
+    (run / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  runtime:\n    config_sources:\n{rows}")
+    assert training_run_search_path(run) == ["file:///a/conf", "file:///b/conf"]
+    assert training_run_search_path(None) == training_run_search_path(tmp_path) == []
+
+
+def test_checkpoint_and_student_of_a_run_find_the_users_own_configs(tiny_dir, tmp_path):
+    from tests.fixtures.configs import user_conf
+
+    def app(module, *args, out=None):
+        proc = subprocess.run(
+            [sys.executable, "-m", module, *args, f"hydra.run.dir={out}"],
+            cwd=tmp_path,
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads((out / "metrics.json").read_text())
+
+    # trained through the module entry point with the user's folder on hydra.searchpath
+    user = user_conf(tmp_path / "my_conf", num_eval=3)
+    run = tmp_path / "run"
+    app(
+        "lightning_caopd.train",
+        f"hydra.searchpath=[file://{user}]",
+        "experiment=mine",
+        f"model.pretrained_model_name_or_path={tiny_dir}",
+        f"data.path={SCIENCE}",
+        "trainer.max_steps=2",
+        "method.rollout.num_rollouts=2",
+        "method.rollout.max_new_tokens=4",
+        "eval.max_new_tokens=4",
+        "callbacks.best=null",
+        "logger=csv",
+        out=run,
+    )
+    # the checkpoint alone: the run's experiment=mine is found in the run's folder
+    ckpt = run / "checkpoints" / "last.ckpt"
+    written = app("lightning_caopd.evaluate", f"checkpoint={ckpt}", out=tmp_path / "eval")
+    assert written["n"] == 3 and written["run"]["checkpoint"] == str(ckpt)
+    # student= with --config-dir of another folder holding experiment/mine: the command line's
+    # folder wins over the training run's
+    other = user_conf(tmp_path / "other_conf", num_eval=2)
+    args = ["--config-dir", str(other), f"student={run / 'student'}"]
+    written = app("lightning_caopd.evaluate", *args, out=tmp_path / "eval2")
+    assert written["n"] == 2

@@ -64,6 +64,26 @@ def test_own_task_trains_and_scores(experiment, own, make_cfg, tiny_dir, tmp_pat
     assert "train/loss" in csv.splitlines()[0]  # a 2-step run logs its last step
 
 
+def test_a_verifier_that_raises_does_not_stop_training(own, make_cfg, tiny_dir, tmp_path):
+    cfg = _cfg(make_cfg, tmp_path, tiny_dir, "data.task.verify=capitals.flaky")
+    result = runner.run(cfg)
+    assert result["run"]["steps"] == 2 and result["accuracy"] == 0.0
+    header, *rows = next(tmp_path.glob("csv/**/metrics.csv")).read_text().splitlines()
+    column = header.split(",").index("train/verifier_errors")
+    logged = [float(r.split(",")[column]) for r in rows if r.split(",")[column]]
+    assert logged and logged[-1] >= 4  # 2 steps x 2 rollouts of random text, all raised
+    with pytest.raises(VerifierError, match="capitals-.*IndexError"):
+        runner.run(
+            _cfg(
+                make_cfg,
+                tmp_path / "fatal",
+                tiny_dir,
+                "data.task.verify=capitals.flaky",
+                "data.task.on_verifier_error=raise",
+            )
+        )
+
+
 def test_rows_become_items_by_field_names():
     data = JsonlDataModule(
         str(ROWS),

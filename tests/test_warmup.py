@@ -94,3 +94,66 @@ def test_mul_resolver_scales_a_width_in_a_config():
 
     cfg = OmegaConf.create({"size": 24, "mlp": "${caopd.mul:${size},2}"})
     assert cfg.mlp == 48
+
+
+def _science_rows_with_demos(path, wrong: int):
+    """The science fixture rows with a demonstration each; the first `wrong` name a wrong letter."""
+    from tests.fixtures.runs import SCIENCE
+
+    rows = [json.loads(line) for line in open(SCIENCE)]
+    for i, row in enumerate(rows):
+        letter = "ABCD"[("ABCD".index(row["answer"]) + (i < wrong)) % 4]
+        row["output_text"] = f"<reasoning>It is {letter}.</reasoning>\n<answer>{letter}</answer>"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+FORMAT_BASE = [
+    "experiment=format_base",
+    "model=tiny_scratch",
+    "data=science",
+    "data.num_eval=2",
+    "data.batch_size=2",
+    "trainer.max_steps=2",
+    "trainer.log_every_n_steps=1",
+    "eval.max_new_tokens=8",
+    "logger=csv",
+    "callbacks=minimal",
+]
+
+
+def test_format_base_warms_up_on_the_tasks_verified_items(make_cfg, tmp_path, caplog):
+    import logging
+    import re
+
+    from lightning_caopd.models import load_pretrained
+
+    rows = _science_rows_with_demos(tmp_path / "rows.jsonl", wrong=3)
+    cfg = make_cfg([*FORMAT_BASE, f"data.path={rows}"], tmp_path / "run")
+    caplog.set_level(logging.INFO, logger="lightning_caopd.warmup")
+    run(cfg)
+    # 4 training rows, 1 to 3 of them with a wrong demonstration (2 of the 6 are held out)
+    said = re.search(r"accepts (\d) of the 4 training items' demonstrations; the (\d)", caplog.text)
+    assert said and 1 <= int(said[1]) <= 3 and int(said[1]) + int(said[2]) == 4
+    rows_csv = list(csv.DictReader((tmp_path / "run" / "csv" / "metrics.csv").open()))
+    rejected = [float(r["train/rejected_demos"]) for r in rows_csv if r.get("train/rejected_demos")]
+    assert len(rejected) == 2 and sum(rejected) >= 1
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["initial"]["format_rate"] is not None and metrics["format_rate"] is not None
+    assert metrics["run"]["experiment"] == "format_base" and metrics["run"]["steps"] == 2
+    # saved where method.save_dir says (the model and the data of the run), loadable by model=hf
+    base = tmp_path / "run" / "cache" / "format_base" / "tiny_scratch-science"
+    assert cfg.method.save_dir == str(base) and (base / "config.json").is_file()
+    assert load_pretrained(str(base)).num_parameters() == metrics["n_parameters"]
+
+
+def test_format_base_with_no_verified_demonstration_is_a_clear_error(make_cfg, tmp_path):
+    import pytest
+
+    from lightning_caopd.errors import ConfigError
+
+    rows = _science_rows_with_demos(tmp_path / "rows.jsonl", wrong=6)
+    cfg = make_cfg([*FORMAT_BASE, f"data.path={rows}"], tmp_path / "run")
+    with pytest.raises(ConfigError, match="rejects the demonstration of every one of the 4"):
+        run(cfg)
+    assert not (tmp_path / "run" / "cache" / "format_base").exists()  # no base saved

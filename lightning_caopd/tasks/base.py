@@ -107,15 +107,12 @@ class Task(ABC):
         return 1.0 if self.verify(completion, item) else 0.0
 
 
-_REPORTED: set[tuple[str, str]] = set()  # (task class, exception type) already logged
-
-
 def task_scores(task: Task, completions: list[str], items: list[dict]) -> tuple[list[float], int]:
     """Every completion's `Task.score`, and how many of them the verifier failed to score.
 
-    A verifier that raises scores its completion 0.0 and is logged once per task and kind of
-    exception, with the item id and the completion; with ``task.on_verifier_error == "raise"``
-    a `VerifierError` naming both stops the run instead.
+    A verifier that raises scores its completion 0.0 and is logged once per task (instance)
+    and kind of exception, with the item id and the completion; with
+    ``task.on_verifier_error == "raise"`` a `VerifierError` naming both stops the run instead.
     """
     scores, errors = [], 0
     for text, item in zip(completions, items, strict=True):
@@ -131,9 +128,9 @@ def task_scores(task: Task, completions: list[str], items: list[dict]) -> tuple[
                     f"{where} Fix the verifier, or set data.task.on_verifier_error=count to "
                     "score such completions 0 and go on."
                 ) from err
-            key = (type(task).__name__, type(err).__name__)
-            if key not in _REPORTED:
-                _REPORTED.add(key)
+            reported = task.__dict__.setdefault("_reported_errors", set())
+            if type(err).__name__ not in reported:
+                reported.add(type(err).__name__)
                 log.warning("%s It is scored 0 (train/verifier_errors counts such).", where)
             scores.append(0.0)
             errors += 1
