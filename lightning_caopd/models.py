@@ -235,8 +235,10 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     Returns:
         Name -> detached tensor (shared with the model where nothing was merged).
     """
-    if not is_lora(model):
-        return {name: t.detach() for name, t in model.state_dict().items()}
+    if not is_lora(model):  # sharded (trainer=fsdp): every shard gathered, on every rank
+        from lightning_caopd.sharding import full_model_state_dict
+
+        return full_model_state_dict(model)
     from peft.tuners.lora import LoraLayer
 
     base = model.get_base_model()
@@ -298,12 +300,18 @@ def check_same_tokenizer(
 
 
 def save_model(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    path: str | Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Save model and tokenizer with `save_pretrained`, via a temporary folder then a rename."""
+    """Save model and tokenizer with `save_pretrained`, via a temporary folder then a rename.
+
+    `state_dict` replaces the model's own weights (a sharded model's, gathered).
+    """
 
     def write(folder: Path) -> None:
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, state_dict=state_dict)
         tokenizer.save_pretrained(folder)
 
     return atomic_write_dir(path, write)
