@@ -124,6 +124,7 @@ def run(strategy: str, model_dir: Path, out_dir: Path, steps: int) -> list[dict]
         f"+callbacks.peak.out_dir={out_dir}",
         f"hydra.run.dir={out_dir}",
     ]
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *overrides],

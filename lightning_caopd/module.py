@@ -420,6 +420,16 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
         teacher = [self.teacher] if isinstance(self.teacher, torch.nn.Module) else []
         return [self.student, *teacher]
 
+    def configure_model(self) -> None:  # noqa: D102 - see StudentSystem.configure_model
+        if self.device_mesh is not None and self.loss.fused:
+            raise ConfigError(
+                "method.loss.fused=true runs the models' bodies without their heads "
+                "(get_decoder()), outside the forward of the sharded model, whose embeddings and "
+                "head are then still sharded: it is not supported under trainer=fsdp. Set "
+                "method.loss.fused=false (the loss is the same) or use trainer=ddp."
+            )
+        super().configure_model()
+
     def on_fit_start(self) -> None:  # noqa: D102
         # The frozen teacher sits in eval mode on purpose, and Lightning warns about every module
         # in eval mode at the start of training: silence the warning for exactly the teacher's
