@@ -35,6 +35,7 @@ from lightning_caopd.loggers import log_histogram, log_image, log_rollouts, logs
 from lightning_caopd.metrics.plot import reliability_image, save_reliability_png
 from lightning_caopd.models import AdapterDisabledTeacher
 from lightning_caopd.scoring import token_entropy
+from lightning_caopd.sharding import full_model_state_dict, is_sharded
 
 METRICS_FILE = "metrics.json"
 
@@ -124,8 +125,9 @@ class StudentExport(Callback):
     renamed over it (`lightning_caopd.models.save_model`), at the end of fitting (rank 0), so
     ``AutoModelForCausalLM.from_pretrained`` loads it, ``python -m lightning_caopd.evaluate
     student=<run dir>/student`` scores it and ``model.init_from=<run dir>`` starts a new run
-    from it. With LoRA the folder holds the adapter (peft's ``save_pretrained``). Under FSDP or
-    DeepSpeed the weights are sharded: use the checkpoint instead.
+    from it. With LoRA the folder holds the adapter (peft's ``save_pretrained``). Under
+    ``trainer=fsdp`` the shards are gathered first (every rank takes part) and the folder is the
+    same as one process would write; under DeepSpeed use the checkpoint instead.
 
     Args:
         output_dir: the run directory.
@@ -136,11 +138,15 @@ class StudentExport(Callback):
         self.output_dir = Path(output_dir)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
-        if trainer.is_global_zero:
-            from lightning_caopd.checkpointing import STUDENT_DIR
-            from lightning_caopd.models import save_model
+        from lightning_caopd.checkpointing import STUDENT_DIR
+        from lightning_caopd.models import save_model
 
-            save_model(pl_module.student, pl_module.tokenizer, self.output_dir / STUDENT_DIR)
+        student = pl_module.student
+        # sharded (trainer=fsdp): every rank gathers the whole weights (a collective), rank 0 saves
+        state = full_model_state_dict(student) if is_sharded(student) else None
+        if trainer.is_global_zero:
+            save_model(student, pl_module.tokenizer, self.output_dir / STUDENT_DIR, state)
+        trainer.strategy.barrier("student_export")
 
 
 class StepAware(Callback):

@@ -209,7 +209,8 @@ def student_state_dict(source: _PATH, key: str = "model.init_from") -> dict[str,
     Args:
         source: a run directory (its ``student/`` folder, else ``checkpoints/last.ckpt``), a
             Hugging Face folder (``save_pretrained``: ``<run dir>/student``), or a ``.ckpt``
-            file of ``python train.py`` (read with ``weights_only=True``: no code runs).
+            file of ``python train.py`` (read with ``weights_only=True``: no code runs) or
+            folder (``trainer=fsdp``'s sharded checkpoints, `load_sharded_checkpoint`).
         key: the config key that named `source`, for the error messages.
 
     Returns:
@@ -221,19 +222,22 @@ def student_state_dict(source: _PATH, key: str = "model.init_from") -> dict[str,
     path = Path(str(source)).expanduser()
     if path.is_dir() and (path / STUDENT_DIR / "config.json").is_file():
         path = path / STUDENT_DIR
-    elif path.is_dir() and (path / "checkpoints" / "last.ckpt").is_file():
+    elif path.is_dir() and (path / "checkpoints" / "last.ckpt").exists():
         path = path / "checkpoints" / "last.ckpt"
     if path.is_dir() and (path / "config.json").is_file():
         from transformers import AutoModelForCausalLM  # safetensors: no pickle
 
         return AutoModelForCausalLM.from_pretrained(path, dtype="auto").state_dict()
-    if not path.is_file():
+    if is_sharded_checkpoint(path):
+        state = load_sharded_checkpoint(path).get("state_dict", {})
+    elif path.is_file():
+        state = load_checkpoint_file(path).get("state_dict", {})
+    else:
         raise ResumeError(
             f"{key}={source}: nothing to load from there. Pass a training run's "
             f"directory (it holds {STUDENT_DIR}/ or checkpoints/last.ckpt), its {STUDENT_DIR}/ "
-            "folder, or a .ckpt file."
+            "folder, or a .ckpt file or folder (trainer=fsdp's sharded checkpoints)."
         )
-    state = load_checkpoint_file(path).get("state_dict", {})
     prefix = "student."
     weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not weights:
@@ -242,6 +246,28 @@ def student_state_dict(source: _PATH, key: str = "model.init_from") -> dict[str,
             "pass a checkpoint of `python train.py` (<run dir>/checkpoints/last.ckpt)."
         )
     return weights
+
+
+def is_sharded_checkpoint(path: _PATH) -> bool:
+    """Whether `path` is a sharded checkpoint of ``trainer=fsdp`` (torch.distributed.checkpoint)."""
+    return Path(path).is_dir() and (Path(path) / ".metadata").is_file()
+
+
+def load_sharded_checkpoint(path: _PATH) -> dict[str, Any]:
+    """A sharded checkpoint folder (``trainer=fsdp``) as one process's whole checkpoint dict.
+
+    The shards are joined in CPU memory by torch's own converter (``dcp_to_torch_save``, no
+    process group), through a file in a temporary folder beside the checkpoint, read back with
+    ``weights_only=True``; ``state_dict`` holds the whole weights (``student.*``, ``teacher.*``).
+    """
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        dcp_to_torch_save(path, Path(tmp) / "whole.ckpt")
+        return load_checkpoint_file(Path(tmp) / "whole.ckpt")
 
 
 class ModelCheckpoint(_LightningModelCheckpoint):

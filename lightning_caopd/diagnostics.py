@@ -15,6 +15,7 @@ from lightning_caopd.checkpointing import untouched_rng
 from lightning_caopd.models import plain_teacher
 from lightning_caopd.rollout import Rollouts, sample
 from lightning_caopd.scoring import EvalBatch, teacher_conditioned
+from lightning_caopd.sharding import gathered
 
 
 class TeacherDiagnostics:
@@ -72,7 +73,7 @@ class TeacherDiagnostics:
         """
         r = self.rollout
         k = 1 if self.template.per_rollout else r.num_rollouts
-        with untouched_rng(), plain_teacher(self.teacher) as model:
+        with untouched_rng(), plain_teacher(self.teacher) as model, gathered(model):
             return sample(
                 model,
                 self.tokenizer,

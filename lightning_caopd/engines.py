@@ -23,6 +23,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_caopd.rollout import Rollouts, sample
+from lightning_caopd.sharding import gathered
 
 
 class RolloutEngine(ABC):
@@ -110,15 +111,16 @@ class HFEngine(RolloutEngine):
                 "DistillationModule does both: build engines through it (method.engine)."
             )
         greedy = temperature == 0
-        return sample(
-            self.model,
-            self.tokenizer,
-            prompts,
-            k,
-            max_new_tokens,
-            1.0 if greedy else temperature,
-            top_p,
-            do_sample=not greedy,
-            use_generate=self.use_generate,
-            stop_ids=self.stop_ids,
-        )
+        with gathered(self.model):  # sharded (trainer=fsdp): the whole weights while it decodes
+            return sample(
+                self.model,
+                self.tokenizer,
+                prompts,
+                k,
+                max_new_tokens,
+                1.0 if greedy else temperature,
+                top_p,
+                do_sample=not greedy,
+                use_generate=self.use_generate,
+                stop_ids=self.stop_ids,
+            )

@@ -235,25 +235,35 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     Returns:
         Name -> detached tensor (shared with the model where nothing was merged).
     """
-    if not is_lora(model):
-        return {name: t.detach() for name, t in model.state_dict().items()}
+    if not is_lora(model):  # sharded (trainer=fsdp): every shard gathered, on every rank
+        from lightning_caopd.sharding import full_model_state_dict
+
+        return full_model_state_dict(model)
     from peft.tuners.lora import LoraLayer
+
+    from lightning_caopd.sharding import full_tensor, gathered
 
     base = model.get_base_model()
     merged = {}
-    for name, module in base.named_modules():
-        if isinstance(module, LoraLayer):
-            weight = module.get_base_layer().weight.detach()
-            delta = sum(
-                module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A
-            )
-            merged[f"{name}.weight"] = weight + delta if torch.is_tensor(delta) else weight
+    # sharded (trainer=fsdp): the merge runs on the gathered whole weights (every rank takes
+    # part), the other tensors are gathered one by one below
+    with gathered(model):
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer):
+                weight = module.get_base_layer().weight.detach()
+                delta = sum(
+                    module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A
+                )
+                # a copy: the gathered weights are freed on leaving the block
+                merged[f"{name}.weight"] = (
+                    weight + delta if torch.is_tensor(delta) else weight.clone()
+                )
     out = {}
     for name, tensor in base.state_dict().items():
         if ".lora_" in name:
             continue
         name = name.replace(".base_layer.", ".")
-        out[name] = merged.get(name, tensor.detach())
+        out[name] = merged[name] if name in merged else full_tensor(tensor.detach())
     return out
 
 
@@ -298,12 +308,18 @@ def check_same_tokenizer(
 
 
 def save_model(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    path: str | Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Save model and tokenizer with `save_pretrained`, via a temporary folder then a rename."""
+    """Save model and tokenizer with `save_pretrained`, via a temporary folder then a rename.
+
+    `state_dict` replaces the model's own weights (a sharded model's, gathered).
+    """
 
     def write(folder: Path) -> None:
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, state_dict=state_dict)
         tokenizer.save_pretrained(folder)
 
     return atomic_write_dir(path, write)

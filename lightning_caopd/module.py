@@ -10,6 +10,7 @@ The teacher side of the paper's diagnosis (the teacher scored with the privilege
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -62,6 +63,7 @@ from lightning_caopd.rollout import (
 )
 from lightning_caopd.scoring import EvalBatch, EvalScores, evaluate_items, gather_records
 from lightning_caopd.settings import LossSettings, RolloutSettings
+from lightning_caopd.sharding import gathered, is_sharded, shard
 from lightning_caopd.tasks.base import Task, task_scores
 from lightning_caopd.templates import TeacherTemplate
 
@@ -194,6 +196,25 @@ class StudentSystem(L.LightningModule):
         self.n_parameters = sum(p.numel() for p in student.parameters())
         self.evaluation: dict | None = None
         self.evaluation_records: list[dict] = []
+        self._held = contextlib.ExitStack()  # whole weights held through an evaluation (FSDP)
+
+    def sharded_models(self) -> list[torch.nn.Module]:
+        """The models `configure_model` shards under ``trainer=fsdp``: the student."""
+        return [self.student]
+
+    def configure_model(self) -> None:
+        """Shard the models under ``trainer=fsdp`` (`lightning_caopd.sharding.shard`).
+
+        Lightning's ``ModelParallelStrategy`` calls this with its device mesh set; other
+        strategies have none and nothing changes. Called again by each ``validate``/``fit``:
+        models already sharded stay as they are.
+        """
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        for model in self.sharded_models():
+            if not is_sharded(model):
+                shard(model, mesh["data_parallel"])
 
     def configure_optimizers(self):  # noqa: D102
         optimizer = self.optimizer_factory(params=self.student.parameters())
@@ -223,6 +244,10 @@ class StudentSystem(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:  # noqa: D102
         self.evaluation_records = []
+        # sharded: the whole weights for the evaluation, so each rank generates on its own
+        # (its items and their lengths differ; no collective inside a forward)
+        for model in self.sharded_models():
+            self._held.enter_context(gathered(model))
         engine = self.eval_engine()
         if engine is not None:  # the engine generates from the student as it is now
             engine.sync_weights(self.student)
@@ -287,6 +312,7 @@ class StudentSystem(L.LightningModule):
         self.evaluation_records.extend(out.records)
 
     def on_validation_epoch_end(self) -> None:  # noqa: D102
+        self._held.close()  # every rank is here: the shards are freed together
         result = self.val_scores.compute()
         result["reliability"] = self.val_scores.calibration.reliability_bins()  # every rank
         self.val_scores.reset()
@@ -389,6 +415,21 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
         super().on_validation_epoch_start()
         if self._eval_engine is self.engine:  # synced for the evaluation: rollouts reuse it
             self._engine_step = self.global_step
+
+    def sharded_models(self) -> list[torch.nn.Module]:
+        """The student, and the teacher when it is a model of its own (not LoRA's base)."""
+        teacher = [self.teacher] if isinstance(self.teacher, torch.nn.Module) else []
+        return [self.student, *teacher]
+
+    def configure_model(self) -> None:  # noqa: D102 - see StudentSystem.configure_model
+        if self.device_mesh is not None and self.loss.fused:
+            raise ConfigError(
+                "method.loss.fused=true runs the models' bodies without their heads "
+                "(get_decoder()), outside the forward of the sharded model, whose embeddings and "
+                "head are then still sharded: it is not supported under trainer=fsdp. Set "
+                "method.loss.fused=false (the loss is the same) or use trainer=ddp."
+            )
+        super().configure_model()
 
     def on_fit_start(self) -> None:  # noqa: D102
         # The frozen teacher sits in eval mode on purpose, and Lightning warns about every module

@@ -344,7 +344,7 @@ def resolve_ckpt_path(cfg: DictConfig, out_dir: Path) -> Path | None:
     if str(value) == "last":
         checkpoint_cb = (cfg.get("callbacks") or {}).get("checkpoint") or {}
         path = Path(checkpoint_cb.get("dirpath") or out_dir / "checkpoints") / "last.ckpt"
-        if not path.is_file():
+        if not path.exists():  # a file, or a folder of shards (trainer=fsdp)
             raise ResumeError(
                 f"ckpt_path=last: there is no checkpoint to resume from at {path}. `last` is the "
                 "run directory's checkpoints/last.ckpt, so a resumed run must use the directory "
@@ -354,7 +354,7 @@ def resolve_ckpt_path(cfg: DictConfig, out_dir: Path) -> Path | None:
             )
         return path
     path = Path(value)
-    if not path.is_file():
+    if not path.exists():
         raise ResumeError(
             f"ckpt_path={value}: no such checkpoint file (looked for {path.resolve()}). Pass the "
             "path of a .ckpt file, or ckpt_path=last with hydra.run.dir=<the run's directory>."
