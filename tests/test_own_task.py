@@ -5,7 +5,10 @@ verifier) and ``conf/`` (``data/capitals.yaml``, ``experiment/capitals_*.yaml``)
 """
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -189,8 +192,6 @@ def test_a_row_to_item_that_raises_is_named_with_its_row(own, tmp_path):
         "            'answer': row['capital'], 'category': 'x'}\n"
     )
     shutil.copy(ROWS, tmp_path / "rows.jsonl")
-    import sys
-
     sys.path.insert(0, str(tmp_path))
     try:
         from lightning_caopd.data.rows import RowsDataModule
@@ -205,3 +206,42 @@ def test_a_row_to_item_that_raises_is_named_with_its_row(own, tmp_path):
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("convert", None)
+
+
+def test_own_task_through_the_entry_points_with_config_dir(tiny_dir, tmp_path):
+    """`python -m lightning_caopd.train --config-dir ...` from the user's folder, then
+    `python -m lightning_caopd.evaluate checkpoint=...` finds the user's configs again."""
+    run_dir = tmp_path / "run"
+    common = [f"hydra.run.dir={run_dir}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    train = [
+        sys.executable,
+        "-m",
+        "lightning_caopd.train",
+        "--config-dir",
+        "conf",
+        "experiment=capitals_caopd",
+        "model=hf",
+        f"model.pretrained_model_name_or_path={tiny_dir}",
+        f"data.path={ROWS}",
+        *[o for o in SHORT if not o.startswith("callbacks=")],
+        *common,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
+    done = subprocess.run(train, cwd=OWN, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    assert trained["run"]["experiment"] == "capitals_caopd" and trained["run"]["steps"] == 2
+
+    evaluate = [
+        sys.executable,
+        "-m",
+        "lightning_caopd.evaluate",
+        f"checkpoint={run_dir / 'checkpoints' / 'last.ckpt'}",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+    ]
+    done = subprocess.run(evaluate, cwd=OWN, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    scored = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert scored["n"] == trained["n"] == 12
+    assert scored["accuracy"] == trained["accuracy"]
+    assert set(scored["by_category"]) <= {"Europe", "Asia", "Africa"}
