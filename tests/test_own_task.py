@@ -208,18 +208,24 @@ def test_a_row_to_item_that_raises_is_named_with_its_row(own, tmp_path):
         sys.modules.pop("convert", None)
 
 
-def test_own_task_through_the_entry_points_with_config_dir(tiny_dir, tmp_path):
-    """`python -m lightning_caopd.train --config-dir ...` from the user's folder, then
-    `python -m lightning_caopd.evaluate checkpoint=...` finds the user's configs again."""
+@pytest.mark.parametrize(
+    "experiment, where",
+    [
+        ("capitals_opd", ["--config-dir", "conf"]),
+        ("capitals_caopd", [f"hydra.searchpath=[file://{OWN / 'conf'}]"]),
+    ],
+)
+def test_own_task_through_the_entry_points(experiment, where, tiny_dir, tmp_path):
+    """`python -m lightning_caopd.train` from the user's folder (its configs by --config-dir or
+    hydra.searchpath), then `python -m lightning_caopd.evaluate checkpoint=...` finds them again."""
     run_dir = tmp_path / "run"
     common = [f"hydra.run.dir={run_dir}", f"paths.cache_dir={tmp_path / 'cache'}"]
     train = [
         sys.executable,
         "-m",
         "lightning_caopd.train",
-        "--config-dir",
-        "conf",
-        "experiment=capitals_caopd",
+        *where,
+        f"experiment={experiment}",
         "model=hf",
         f"model.pretrained_model_name_or_path={tiny_dir}",
         f"data.path={ROWS}",
@@ -230,7 +236,7 @@ def test_own_task_through_the_entry_points_with_config_dir(tiny_dir, tmp_path):
     done = subprocess.run(train, cwd=OWN, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     trained = json.loads((run_dir / "metrics.json").read_text())
-    assert trained["run"]["experiment"] == "capitals_caopd" and trained["run"]["steps"] == 2
+    assert trained["run"]["experiment"] == experiment and trained["run"]["steps"] == 2
 
     evaluate = [
         sys.executable,

@@ -271,3 +271,11 @@ def test_doctests():
     result = doctest.testmod(tooluse)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+def test_a_golden_answer_nested_too_deep_is_refused_when_read():
+    for depth in (150, 5000):  # past MAX_NESTING, and past the JSON parser's own limit
+        value = '{"x": ' + "[" * depth + "]" * depth + "}"
+        row = {"prompt": "p", "golden_answer": [{"Action": "a", "Action_Input": value}]}
+        with pytest.raises(DataError, match="f.jsonl, row 1: field 'golden_answer' nests"):
+            tooluse.row_to_item(row, 0, "f.jsonl")
