@@ -288,3 +288,28 @@ def row_error(source: str, index: int, field: str, problem: str, fix: str) -> Da
         The error, for the caller to raise.
     """
     return DataError(f"{source}, row {index + 1}: field {field!r} {problem}. {fix}")
+
+
+def chat_messages(value, source: str, index: int, field: str) -> list[dict]:
+    """A chat list (or a bare string as one user turn) as plain ``{role, content}`` dicts."""
+    if isinstance(value, str) and value.strip():
+        return [{"role": "user", "content": value}]
+    ok = (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in value
+        )
+    )
+    if not ok:
+        raise row_error(
+            source,
+            index,
+            field,
+            "is neither a non-empty string nor a chat list",
+            'Give the text, or a non-empty list of {"role": ..., "content": ...} messages.',
+        )
+    return [{"role": m["role"], "content": m["content"]} for m in value]

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from lightning_caopd.data.base import ItemDataModule, check_int
-from lightning_caopd.data.loading import load_rows, row_error
+from lightning_caopd.data.loading import chat_messages, load_rows, row_error
 from lightning_caopd.errors import DataError
 from lightning_caopd.tasks import science, tooluse
 
@@ -306,29 +306,8 @@ def row_from_fields(row: dict, index: int, source: str, fields: dict) -> dict:
             )
         return row[name]
 
-    chat = get("messages") if fields.get("messages") else get("prompt")
-    if isinstance(chat, str) and chat.strip():
-        messages = [{"role": "user", "content": chat}]
-    elif (
-        isinstance(chat, list)
-        and chat
-        and all(
-            isinstance(m, dict)
-            and isinstance(m.get("role"), str)
-            and isinstance(m.get("content"), str)
-            for m in chat
-        )
-    ):
-        messages = [{"role": m["role"], "content": m["content"]} for m in chat]
-    else:
-        key = "messages" if fields.get("messages") else "prompt"
-        raise row_error(
-            source,
-            index,
-            str(fields.get(key)),
-            "is neither a non-empty string nor a chat list",
-            'Give the question as text, or as [{"role": "user", "content": ...}].',
-        )
+    key = "messages" if fields.get("messages") else "prompt"
+    messages = chat_messages(get(key), source, index, str(fields[key]))
     system = get("system", required=False)
     if isinstance(system, str) and system:
         messages = [{"role": "system", "content": system}, *messages]

@@ -45,7 +45,7 @@ import re
 from pathlib import Path
 
 from lightning_caopd import reference
-from lightning_caopd.data.loading import row_error
+from lightning_caopd.data.loading import chat_messages, row_error
 from lightning_caopd.tasks.base import Task, check_verifier
 
 ANSWER_FORMATS = ("tag", "lenient")
@@ -199,31 +199,6 @@ def demo_from_answer(answer: str) -> str:
     return f"<reasoning>The correct option is {letter}.</reasoning>\n<answer>{letter}</answer>"
 
 
-def _chat(value, source: str, index: int, field: str) -> list[dict]:
-    """A chat list (or a bare string as one user turn) as plain ``{role, content}`` dicts."""
-    if isinstance(value, str) and value.strip():
-        return [{"role": "user", "content": value}]
-    ok = (
-        isinstance(value, list)
-        and value
-        and all(
-            isinstance(m, dict)
-            and isinstance(m.get("role"), str)
-            and isinstance(m.get("content"), str)
-            for m in value
-        )
-    )
-    if not ok:
-        raise row_error(
-            source,
-            index,
-            field,
-            "is not a chat list",
-            'It must be a non-empty list of {"role": ..., "content": ...} messages.',
-        )
-    return [{"role": m["role"], "content": m["content"]} for m in value]
-
-
 def _raw_answer(row: dict):
     """The answer field; the paper's ``[{"Answer": "B"}]`` ground-truth form is accepted."""
     raw = row.get("answer")
@@ -285,9 +260,9 @@ def row_to_item(row: dict, index: int, source: str) -> dict:
             "Give the letter of the correct option (A, B, C, ...), not the option's text.",
         )
     if row.get("prompt"):
-        messages, tail = _chat(row["prompt"], source, index, "prompt"), []
+        messages, tail = chat_messages(row["prompt"], source, index, "prompt"), []
     elif row.get("messages"):
-        messages = _chat(row["messages"], source, index, "messages")
+        messages = chat_messages(row["messages"], source, index, "messages")
         cut = len(messages)
         while cut and messages[cut - 1]["role"] == "assistant":
             cut -= 1
