@@ -274,31 +274,46 @@ def parse_confidence_reference(text: str) -> float | None:
         >>> parse_confidence_reference("**Confidence:** 0.8") is None
         True
     """
+    stated, value = reference_reading(text)
+    return _clamp(value) if stated else None
+
+
+def reference_reading(text: str) -> tuple[bool, float]:
+    """``(stated, value)`` by the rules of `parse_confidence_reference`, unclamped.
+
+    What the reference's headline metrics take (``eval.protocol=reference``): 0.0 when nothing
+    is stated, and a rescaled tag value as it comes (``<confidence>250</confidence>`` is 2.5).
+
+    Example:
+        >>> reference_reading("<answer>B</answer>")
+        (False, 0.0)
+        >>> reference_reading("<confidence>250</confidence>")
+        (True, 2.5)
+    """
     labels = _REF_LABEL.findall(text)
     if labels:
         number = _LEADING_NUMBER.match(labels[-1])
-        if number is not None:
-            return _clamp(float(number.group()))
-        # a run of points only: the reference raises; here nothing is stated (tags not read)
-        return None
+        if number is None:  # a run of points only: the reference raises; nothing stated here
+            return False, 0.0
+        return True, min(float(number.group()), 1.0)  # clamped, never rescaled
     tags = _REF_TAG.findall(text)
     if tags:
         content = tags[-1].strip()
         if not content:
-            return None
+            return False, 0.0
         try:
             value = float(content)
         except ValueError:
             found = _REF_NUMBER.search(content)
             if found is None:
-                return None
+                return False, 0.0
             value = float(found.group())
-        return _clamp(_reference_scale(value, content))
+        return True, _reference_scale(value, content)
     unclosed = list(_REF_OPEN_TAG.finditer(text))
     if unclosed:
         last = unclosed[-1]
-        return _clamp(_reference_scale(float(last.group(1)), last.group()))
-    return None
+        return True, _reference_scale(float(last.group(1)), last.group())
+    return False, 0.0
 
 
 PARSERS = {"default": parse_confidence, "reference": parse_confidence_reference}

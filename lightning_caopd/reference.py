@@ -11,9 +11,9 @@ SalesforceAIResearch/CaOPD scores its generations with ``eval/run_eval_chemistry
   counted, strings not tracked). A missing or unbalanced input is ``{}``; the input is compared
   as ``json.dumps(json.loads(x), sort_keys=True)``, or as its stripped text when it is not JSON.
   Only the first golden call counts.
-* **Confidence** (`stated_confidence`): the ``Confidence:`` label's number clamped to [0, 1],
-  else a ``<confidence>`` tag's number rescaled (``80`` is 0.8), else an unclosed tag's; an
-  output without one counts as confidence **0.0** (``format_ok`` 0).
+* **Confidence** (`lightning_caopd.confidence.reference_reading`): the ``Confidence:`` label's
+  number clamped to [0, 1], else a ``<confidence>`` tag's number rescaled (``80`` is 0.8), else
+  an unclosed tag's; an output without one counts as confidence **0.0** (``format_ok`` 0).
 * **Metrics** (`metrics`): accuracy, Brier, ECE (ten ``linspace``/``digitize`` bins), SPR, OCG
   and mean confidence over *all* N items in float64, the reference's key names, its
   ``bin_stats``, and a ``valid_confidence_only`` block over the items that state a confidence
@@ -34,8 +34,6 @@ import json
 import re
 
 import numpy as np
-
-from lightning_caopd.confidence import _REF_LABEL, _REF_OPEN_TAG, _REF_TAG, _reference_scale
 
 PROTOCOLS = ("default", "reference")
 N_BINS = 10
@@ -183,36 +181,6 @@ def tooluse_verdict(text: str, golden: list[dict]) -> tuple[bool, dict | None]:
         return False, None
     gold = _golden_call(golden[0])
     return parsed == gold, parsed
-
-
-def stated_confidence(text: str) -> tuple[bool, float]:
-    """``(format_ok, confidence)``: the reference's reading, 0.0 when nothing is stated.
-
-    As `lightning_caopd.confidence.parse_confidence_reference`, except that a tag's rescaled
-    value is not clamped (``<confidence>250</confidence>`` is 2.5, as the reference has it).
-    """
-    labels = _REF_LABEL.findall(text)
-    if labels:
-        try:
-            return True, min(max(float(labels[-1]), 0.0), 1.0)
-        except ValueError:  # the reference raises; read the leading number
-            found = re.match(r"\d*\.?\d+", labels[-1])
-            return (True, min(float(found.group()), 1.0)) if found else (False, 0.0)
-    tags = _REF_TAG.findall(text)
-    if tags:
-        content = tags[-1].strip()
-        found = re.search(r"-?\d+(?:\.\d+)?", content)
-        try:
-            value = float(content)
-        except ValueError:
-            if not content or found is None:
-                return False, 0.0
-            value = float(found.group())
-        return True, _reference_scale(value, content)
-    unclosed = list(_REF_OPEN_TAG.finditer(text))
-    if unclosed:
-        return True, _reference_scale(float(unclosed[-1].group(1)), unclosed[-1].group())
-    return False, 0.0
 
 
 # --- the metrics, float64 over all N items ----------------------------------------------------

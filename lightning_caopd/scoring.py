@@ -17,8 +17,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lightning_caopd import reference
-from lightning_caopd.confidence import PARSERS, answer_confidence_tokens
+from lightning_caopd.confidence import PARSERS, answer_confidence_tokens, reference_reading
 from lightning_caopd.engines import RolloutEngine
 from lightning_caopd.metrics import CalibrationMetrics
 from lightning_caopd.readout import expected_confidences
@@ -177,10 +176,10 @@ def reference_record(task: Task, completion: str, item: dict) -> dict:
 
     Returns:
         ``{"correct", "parsed", "format_ok", "confidence"}``: `Task.reference_verdict` and
-        `lightning_caopd.reference.stated_confidence` (0.0 where none is stated).
+        `lightning_caopd.confidence.reference_reading` (0.0 where none is stated).
     """
     correct, parsed = task.reference_verdict(completion, item)
-    format_ok, confidence = reference.stated_confidence(completion)
+    format_ok, confidence = reference_reading(completion)
     return {
         "correct": bool(correct),
         "parsed": parsed,

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from lightning_caopd import reference
-from lightning_caopd.confidence import parse_confidence
+from lightning_caopd.confidence import parse_confidence, reference_reading
 from lightning_caopd.scoring import reference_record
 from lightning_caopd.tasks.science import ScienceTask
 from lightning_caopd.tasks.tooluse import ToolUseTask
@@ -116,13 +116,13 @@ def test_tooluse_reference_verifier_refuses_strict():
 
 
 def test_confidence_unstated_is_zero_and_tags_are_not_clamped():
-    assert reference.stated_confidence("<answer>B</answer>") == (False, 0.0)
-    assert reference.stated_confidence("Confidence: 80") == (True, 1.0)  # clamped, not 0.8
+    assert reference_reading("<answer>B</answer>") == (False, 0.0)
+    assert reference_reading("Confidence: 80") == (True, 1.0)  # clamped, not 0.8
     assert parse_confidence("Confidence: 80") == 0.8  # ours rescales
-    assert reference.stated_confidence("<confidence>250</confidence>") == (True, 2.5)
-    assert reference.stated_confidence("<confidence>high</confidence>") == (False, 0.0)
-    assert reference.stated_confidence("Confidence: 0.85.") == (True, 0.85)  # it raises there
-    assert reference.stated_confidence("<confidence>7") == (True, 0.7)
+    assert reference_reading("<confidence>250</confidence>") == (True, 2.5)
+    assert reference_reading("<confidence>high</confidence>") == (False, 0.0)
+    assert reference_reading("Confidence: 0.85.") == (True, 0.85)  # it raises there
+    assert reference_reading("<confidence>7") == (True, 0.7)
 
 
 def test_headline_metrics_cover_all_items_and_valid_only_the_stated():
@@ -174,7 +174,7 @@ def test_every_rule_is_linear_in_the_completion():
     reference.science_answer(huge)
     reference.science_training_answer(huge)
     reference.first_call(huge)
-    reference.stated_confidence(huge)
+    reference_reading(huge)
 
 
 def test_doctests():
