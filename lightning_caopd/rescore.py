@@ -37,8 +37,14 @@ from lightning_caopd.callbacks import METRICS_FILE
 from lightning_caopd.errors import ConfigError, DataError, exit_with, user_message
 from lightning_caopd.files import atomic_write_text
 from lightning_caopd.reference import PROTOCOLS
-from lightning_caopd.scoring import EvalBatch, EvalScores, parse_confidences, reference_record
-from lightning_caopd.tasks.base import Task, task_scores
+from lightning_caopd.scoring import (
+    EvalBatch,
+    EvalScores,
+    parse_confidences,
+    reference_record,
+    verdicts,
+)
+from lightning_caopd.tasks.base import Task
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).parent / "conf"
@@ -144,7 +150,6 @@ def rescore(records: list[dict], task: Task, cfg: DictConfig) -> dict:
     stored = OmegaConf.select(cfg, "eval.confidence_readout", default="greedy") == "expected"
     size = OmegaConf.select(cfg, "data.eval_batch_size", default=None) or len(records)
     scores = EvalScores(list(task.categories), scoring)
-    cats = list(task.categories)
     for start in range(0, len(records), size):
         batch = records[start : start + size]
         texts = [r["completion"] for r in batch]
@@ -155,11 +160,7 @@ def rescore(records: list[dict], task: Task, cfg: DictConfig) -> dict:
         else:
             conf = parse_confidences(texts, scoring)
         items = [{**r, "answer": r["gold"]} for r in batch]
-        correct = torch.tensor(task_scores(task, texts, items)[0]) >= task.pass_score
-        category = torch.tensor(
-            [cats.index(r["category"]) if r["category"] in cats else -1 for r in batch]
-        )
-        scores.update(EvalBatch(conf, correct, category))
+        scores.update(EvalBatch(conf, *verdicts(task, texts, items)))
         if protocol == "reference":
             for r, text, item in zip(batch, texts, items, strict=True):
                 r["reference"] = reference_record(task, text, item)

@@ -73,6 +73,19 @@ def parse_confidences(texts: list[str], scoring: str = "default") -> torch.Tenso
     )
 
 
+def verdicts(task: Task, texts: list[str], items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) whether each text answers its item (at ``task.pass_score``) and (N,) its category.
+
+    A verifier that raises scores 0 (`task_scores`); a category outside ``task.categories``
+    is -1 (counted overall only). `evaluate_items` and ``rescore`` share it, so a re-score
+    gives the run's verdicts.
+    """
+    scores, _ = task_scores(task, texts, items)
+    cats = list(task.categories)
+    category = [cats.index(it["category"]) if it["category"] in cats else -1 for it in items]
+    return torch.tensor(scores) >= task.pass_score, torch.tensor(category)
+
+
 @torch.no_grad()
 def evaluate_items(
     model: PreTrainedModel,
@@ -131,12 +144,7 @@ def evaluate_items(
     written = conf
     if confidence_readout == "expected":
         conf, mass = expected_confidences(model, tokenizer, prompts, roll.completions, roll.texts)
-    scores, _ = task_scores(task, roll.texts, items)  # a verifier that raises scores 0
-    correct = torch.tensor(scores) >= task.pass_score
-    cats = list(task.categories)
-    category = torch.tensor(
-        [cats.index(it["category"]) if it["category"] in cats else -1 for it in items]
-    )
+    correct, category = verdicts(task, roll.texts, items)
 
     batch = build_batch(
         prompts, roll.completions, tokenizer.pad_token_id, next(model.parameters()).device
