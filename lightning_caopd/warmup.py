@@ -261,6 +261,11 @@ def verified_items(task: Task, items: Iterable[dict]) -> tuple[list[dict], int]:
     return kept, len(items) - len(kept)
 
 
+def _demo_key(item: dict) -> tuple:
+    """What identifies an item's demonstration for `FormatWarmupModule.verified`."""
+    return item.get("id"), item.get("demo")
+
+
 class FormatWarmupModule(WarmupModule):
     """The format warm-up of any task (``experiment=format_base``), on its own training items.
 
@@ -331,6 +336,16 @@ class FormatWarmupModule(WarmupModule):
         self.teacher_share = teacher_share
         self.confidence_steps = confidence_steps
         self.seed = seed
+        self._accepts: dict[tuple[str, str], bool] = {}  # (id, demo) -> the verifier's verdict
+
+    def verified(self, items: list[dict]) -> tuple[list[dict], int]:
+        """`verified_items`, each demonstration verified once per run (every epoch repeats them)."""
+        new = [it for it in items if _demo_key(it) not in self._accepts]
+        accepted = {_demo_key(it) for it in verified_items(self.task, new)[0]}
+        for it in new:
+            self._accepts[_demo_key(it)] = _demo_key(it) in accepted
+        kept = [it for it in items if self._accepts[_demo_key(it)]]
+        return kept, len(items) - len(kept)
 
     def on_fit_start(self) -> None:
         """Count the training split's demonstrations the verifier rejects; none accepted: stop."""
@@ -338,7 +353,7 @@ class FormatWarmupModule(WarmupModule):
         items = getattr(self.trainer.datamodule, "train_items", None)
         if not items:
             return
-        kept, rejected = verified_items(self.task, items)
+        kept, rejected = self.verified(items)
         log.info(
             "Format warm-up: the task's verifier accepts %d of the %d training items' "
             "demonstrations; the %d it rejects are not used as targets.",
@@ -359,7 +374,7 @@ class FormatWarmupModule(WarmupModule):
 
     def training_step(self, batch: list[dict], batch_idx: int) -> torch.Tensor | None:
         """Cross-entropy on the targets of the batch's verified items (None: no item passes)."""
-        kept, rejected = verified_items(self.task, batch)
+        kept, rejected = self.verified(batch)
         self.log("train/rejected_demos", float(rejected), reduce_fx="sum", batch_size=len(batch))
         if not kept:  # Lightning skips the optimizer step
             return None
