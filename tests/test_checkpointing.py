@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
@@ -27,7 +26,7 @@ from lightning_caopd.evaluate import evaluate
 from lightning_caopd.files import atomic_write
 from lightning_caopd.runner import run
 from tests.fixtures.configs import TINY
-from tests.fixtures.runs import ROOT, subprocess_env
+from tests.fixtures.runs import assert_json_close, subprocess_env, train_process
 
 STEPS = 6
 KILL_AT = 3  # the run is killed while it waits before its 4th step, after saving step 3
@@ -46,46 +45,6 @@ RESUME = [
     "threads=1",
     "trainer.log_every_n_steps=1",
 ]
-
-
-class PauseAt(L.Callback):
-    """Before the step after `step`, write `marker` and wait to be killed (a real callback)."""
-
-    def __init__(self, step: int, marker: str) -> None:
-        self.step, self.marker = step, Path(marker)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            self.marker.write_text(str(os.getpid()))
-            time.sleep(300)
-
-
-def _train(overrides: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *overrides],
-        cwd=cwd,
-        env=subprocess_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **kwargs,
-    )
-
-
-def _assert_same(a, b, path: str = "") -> None:
-    """Equal JSON trees; floats to 1e-6."""
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), path
-        for k in a:
-            _assert_same(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, list):
-        assert isinstance(b, list) and len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same(x, y, f"{path}/{i}")
-    elif isinstance(a, float) and isinstance(b, float):
-        assert a == pytest.approx(b, abs=1e-6, rel=0), path
-    else:
-        assert a == b, path
 
 
 @pytest.fixture(scope="module")
@@ -244,11 +203,11 @@ def test_sigkill_then_resume_equals_uninterrupted_run(uninterrupted, toy_base, t
     marker = tmp_path / "paused"
     overrides = [*RESUME, f"model.path={toy_base}", f"hydra.run.dir={run_dir}"]
     pause = [
-        "+callbacks.pause._target_=tests.test_checkpointing.PauseAt",
+        "+callbacks.pause._target_=tests.fixtures.runs.PauseAt",
         f"+callbacks.pause.step={KILL_AT}",
         f"+callbacks.pause.marker={marker}",
     ]
-    proc = _train([*overrides, *pause], tmp_path)
+    proc = train_process([*overrides, *pause], tmp_path)
     try:
         deadline = time.monotonic() + 240
         while not marker.exists():
@@ -273,10 +232,10 @@ def test_sigkill_then_resume_equals_uninterrupted_run(uninterrupted, toy_base, t
     assert any(k.startswith("teacher.") for k in ckpt["state_dict"]) and ckpt["lr_schedulers"]
     initial_png = (run_dir / "reliability_initial.png").stat().st_mtime_ns
 
-    resumed = _train([*overrides, "ckpt_path=last"], tmp_path)
+    resumed = train_process([*overrides, "ckpt_path=last"], tmp_path)
     output, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, output[-3000:]
-    _assert_same(_metrics(run_dir), _metrics(uninterrupted))
+    assert_json_close(_metrics(run_dir), _metrics(uninterrupted), 1e-6)
     # every step's loss: steps 1-3 from the killed run's log (kept), 4-6 from the resumed one
     logs = run_dir / "csv"
     killed, resumed_log = (

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from safetensors.torch import load_file
 from lightning_caopd.checkpointing import student_state_dict
 from lightning_caopd.evaluate import evaluate
 from tests.fixtures.configs import TINY
-from tests.fixtures.runs import ROOT, subprocess_env
+from tests.fixtures.runs import assert_json_close, train_process
 
 STEPS, KILL_AT = 4, 2
 SCORES = ("n", "accuracy", "ece", "brier", "brier_all", "format_rate", "by_category")
@@ -52,30 +51,9 @@ class RecordLosses(L.Callback):
             f.write(json.dumps([trainer.global_step, float(outputs["loss"])]) + "\n")
 
 
-class PauseAt(L.Callback):
-    """Before the step after `step`, rank 0 writes `marker`; every rank waits to be killed."""
-
-    def __init__(self, step: int, marker: str) -> None:
-        self.step, self.marker = step, Path(marker)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            if trainer.is_global_zero:
-                self.marker.write_text(str(os.getpid()))
-            time.sleep(300)
-
-
-def _train(overrides: list[str], cwd: Path) -> subprocess.Popen:
+def _train(overrides: list[str], cwd: Path):
     # a session of its own: the kill reaches rank 0 and the rank it launched
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *overrides],
-        cwd=cwd,
-        env=subprocess_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    return train_process(overrides, cwd, start_new_session=True)
 
 
 def _finish(proc: subprocess.Popen) -> None:
@@ -116,22 +94,6 @@ def ddp_run(toy_base, tmp_path_factory) -> Path:
     return _run("ddp", tmp_path_factory.mktemp("ddp") / "run", toy_base)
 
 
-def _assert_close(a, b, path: str = "") -> None:
-    """Equal JSON trees; floats to 1e-5."""
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), path
-        for k in a:
-            _assert_close(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, list):
-        assert isinstance(b, list) and len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_close(x, y, f"{path}/{i}")
-    elif isinstance(a, float) and isinstance(b, float):
-        assert a == pytest.approx(b, abs=1e-5, rel=0), path
-    else:
-        assert a == b, path
-
-
 @pytest.mark.slow
 def test_fsdp_matches_ddp_losses_metrics_and_student(fsdp_run, ddp_run, toy_base):
     fsdp, ddp = _losses(fsdp_run), _losses(ddp_run)
@@ -139,7 +101,7 @@ def test_fsdp_matches_ddp_losses_metrics_and_student(fsdp_run, ddp_run, toy_base
     assert fsdp[0] != fsdp[1]  # each rank trained on its own prompts
     for rank in (0, 1):
         assert fsdp[rank] == pytest.approx(ddp[rank], abs=1e-5, rel=0)
-    _assert_close(_metrics(fsdp_run), _metrics(ddp_run))
+    assert_json_close(_metrics(fsdp_run), _metrics(ddp_run), 1e-5)
     written = _metrics(fsdp_run)
     assert written["n"] == 13 and written["run"]["steps"] == STEPS
     assert written["teacher_conditioned"]["n"] == 13  # the sharded teacher's diagnostics
@@ -175,7 +137,7 @@ def test_fsdp_export_loads_in_transformers_and_scores_as_in_run(
         config_name="evaluate",
     )
     scored, in_run = evaluate(cfg), _metrics(fsdp_run)
-    _assert_close({k: scored[k] for k in SCORES}, {k: in_run[k] for k in SCORES})
+    assert_json_close({k: scored[k] for k in SCORES}, {k: in_run[k] for k in SCORES}, 1e-5)
 
 
 @pytest.mark.slow
@@ -183,7 +145,7 @@ def test_fsdp_killed_run_resumes_from_its_sharded_checkpoint(fsdp_run, toy_base,
     run_dir, marker = tmp_path / "run", tmp_path / "paused"
     overrides = [*RUN, "trainer=fsdp", f"model.path={toy_base}", f"hydra.run.dir={run_dir}"]
     pause = [
-        "+callbacks.pause._target_=tests.test_fsdp.PauseAt",
+        "+callbacks.pause._target_=tests.fixtures.runs.PauseAt",
         f"+callbacks.pause.step={KILL_AT}",
         f"+callbacks.pause.marker={marker}",
     ]
@@ -208,7 +170,7 @@ def test_fsdp_killed_run_resumes_from_its_sharded_checkpoint(fsdp_run, toy_base,
     resumed, reference = _losses(run_dir), _losses(fsdp_run)
     for rank in (0, 1):  # steps 1-2 from the killed run, 3-4 from the resumed one
         assert resumed[rank] == pytest.approx(reference[rank], abs=1e-5, rel=0)
-    _assert_close(_metrics(run_dir), _metrics(fsdp_run))
+    assert_json_close(_metrics(run_dir), _metrics(fsdp_run), 1e-5)
     for name, tensor in _weights(fsdp_run).items():
         torch.testing.assert_close(_weights(run_dir)[name], tensor, atol=1e-6, rtol=0)
 

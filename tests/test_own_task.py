@@ -18,6 +18,7 @@ from lightning_caopd.data.rows import JsonlDataModule
 from lightning_caopd.errors import ConfigError, DataError, VerifierError
 from lightning_caopd.tasks.base import task_scores
 from lightning_caopd.tasks.custom import FunctionTask
+from tests.fixtures.runs import logged
 
 OWN = Path(__file__).parent / "fixtures" / "own_task"
 ROWS = OWN / "capitals.jsonl"
@@ -63,18 +64,15 @@ def test_own_task_trains_and_scores(experiment, own, make_cfg, tiny_dir, tmp_pat
     records = [json.loads(x) for x in (tmp_path / "completions.jsonl").read_text().splitlines()]
     assert {r["category"] for r in records} <= {"Europe", "Asia", "Africa"}
     assert all(r["gold"] for r in records)
-    csv = next(tmp_path.glob("csv/**/metrics.csv")).read_text()
-    assert "train/loss" in csv.splitlines()[0]  # a 2-step run logs its last step
+    assert logged(tmp_path, "train/loss")  # a 2-step run logs its last step
 
 
 def test_a_verifier_that_raises_does_not_stop_training(own, make_cfg, tiny_dir, tmp_path):
     cfg = _cfg(make_cfg, tmp_path, tiny_dir, "data.task.verify=capitals.flaky")
     result = runner.run(cfg)
     assert result["run"]["steps"] == 2 and result["accuracy"] == 0.0
-    header, *rows = next(tmp_path.glob("csv/**/metrics.csv")).read_text().splitlines()
-    column = header.split(",").index("train/verifier_errors")
-    logged = [float(r.split(",")[column]) for r in rows if r.split(",")[column]]
-    assert logged and logged[-1] >= 4  # 2 steps x 2 rollouts of random text, all raised
+    errors = logged(tmp_path, "train/verifier_errors")
+    assert errors and errors[-1] >= 4  # 2 steps x 2 rollouts of random text, all raised
     with pytest.raises(VerifierError, match="capitals-.*IndexError"):
         runner.run(
             _cfg(
