@@ -35,8 +35,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from step_split import build  # noqa: E402
 
-from lightning_caopd.models import causal_lm  # noqa: E402
-
 
 def lora_llm(engine, base_state: dict, rank: int):
     """A second ``vllm.LLM`` like `engine`'s, with LoRA enabled and the base weights loaded."""
@@ -76,7 +74,7 @@ def main() -> None:
 
     cfg, module, loader, _ = build([*args.overrides, "method/engine=vllm"])
     student, engine, r = module.student, module.engine, module.rollout
-    peft_model = causal_lm(student)
+    peft_model = student
     rank = peft_model.peft_config["default"].r
     engine.sync_weights(student)  # starts the merged engine
     with torch.no_grad():

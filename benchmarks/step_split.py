@@ -66,23 +66,25 @@ def build(overrides: list[str]):
 
 
 def timed_parts(module, times: dict[str, float]) -> None:
-    """Wrap the module's two forward helpers so each call adds its time to teacher or student."""
-    for name in ("completion_hidden", "completion_logits"):
-        inner = getattr(module, name)
+    """Wrap the loss path's two forward helpers so each call adds its time to teacher or student."""
+    path, teacher = module.loss_path, module.teacher
+    for name in ("hidden", "logits"):
+        inner = getattr(path, name)
 
         def wrapper(model, *args, _inner=inner, **kwargs):
             start = time.perf_counter()
             out = _inner(model, *args, **kwargs)
-            times["teacher" if model is module.teacher else "student"] += (
-                time.perf_counter() - start
-            )
+            is_teacher = model is teacher or model == teacher.body
+            times["teacher" if is_teacher else "student"] += time.perf_counter() - start
             return out
 
-        setattr(module, name, wrapper)
+        setattr(path, name, wrapper)
 
 
 def step(module, batch: list[dict], opt, times: dict[str, float]) -> None:
     """One training step in the order `DistillationModule.training_step` takes, timed by part."""
+    from lightning_caopd.step.loss import LossBatch
+
     start = time.perf_counter()
     module.engine.sync_weights(module.student)  # training syncs once per optimizer step
     times["sync"] += time.perf_counter() - start
@@ -94,12 +96,13 @@ def step(module, batch: list[dict], opt, times: dict[str, float]) -> None:
     completions = module.targets.apply(
         roll.completions, p_acc, module.tokenizer, module.engine.stop_ids, r.max_new_tokens
     )
-    teacher = module.teacher_prompts(batch, roll, correct, p_acc)
+    teacher = module.teacher_inputs(batch, roll.texts, correct, p_acc)
     times["rollouts"] += time.perf_counter() - start
     start = time.perf_counter()
-    loss, *_, correction = module.divergence(
-        prompts, teacher.prompts, completions, teacher.in_loss, roll
-    )
+    importance = module.importance(roll, completions)
+    tokens = LossBatch(prompts, teacher.prompts, completions, teacher.in_loss, importance)
+    out = module.loss_path(module.student, module.teacher, tokens)
+    loss, correction = out.loss, out.correction
     times["loss"] += time.perf_counter() - start - times["teacher"] - times["student"]
     for key, value in correction.items():  # vLLM's rollouts: the importance-weight statistics
         times[f"is_{key}"] = float(value)

@@ -33,7 +33,6 @@ from lightning_caopd.errors import NonFiniteError
 from lightning_caopd.files import atomic_write_text
 from lightning_caopd.loggers import log_histogram, log_image, log_rollouts, logs_step, takes_media
 from lightning_caopd.metrics.plot import reliability_image, save_reliability_png
-from lightning_caopd.models import AdapterDisabledTeacher
 from lightning_caopd.scoring import token_entropy
 from lightning_caopd.sharding import full_model_state_dict, is_sharded
 
@@ -174,9 +173,7 @@ class TeacherEMA(StepAware):
         self.rate = rate
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
-        if self.rate > 0 and isinstance(
-            getattr(pl_module, "teacher", None), AdapterDisabledTeacher
-        ):
+        if self.rate > 0 and not pl_module.teacher.owns_weights:
             raise ValueError(
                 "callbacks.teacher_ema.rate > 0 moves the teacher toward the student, but with "
                 "model.lora the self-distillation teacher is the student's own base weights "

@@ -12,7 +12,6 @@ random state.
 from __future__ import annotations
 
 from lightning_caopd.checkpointing import untouched_rng
-from lightning_caopd.models import plain_teacher
 from lightning_caopd.rollout import Rollouts, sample
 from lightning_caopd.scoring import EvalBatch, teacher_conditioned
 from lightning_caopd.sharding import gathered
@@ -60,7 +59,7 @@ class TeacherDiagnostics:
         every random generator is left as it was, so training does not see it.
         """
         chats = [self.teacher_chat(it) for it in items]
-        with untouched_rng(), plain_teacher(self.teacher) as model:
+        with untouched_rng(), self.teacher.running() as model:
             return self.score(model, items, chats)
 
     def sample_teacher(self, prompts: list[list[int]]) -> Rollouts:
@@ -73,7 +72,7 @@ class TeacherDiagnostics:
         """
         r = self.rollout
         k = 1 if self.template.per_rollout else r.num_rollouts
-        with untouched_rng(), plain_teacher(self.teacher) as model, gathered(model):
+        with untouched_rng(), self.teacher.running() as model, gathered(model):
             return sample(
                 model,
                 self.tokenizer,

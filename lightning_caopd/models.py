@@ -7,10 +7,7 @@ character-level `PreTrainedTokenizerFast` and a chat template, so the code path 
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -141,7 +138,8 @@ def apply_lora(
 
     Returns:
         A ``peft.PeftModelForCausalLM``; its ``disable_adapter()`` gives back the base model,
-        which `make_teacher` uses as the self-distillation teacher.
+        which `lightning_caopd.step.teacher.make_teacher` uses as the self-distillation
+        teacher.
     """
     try:
         from peft import LoraConfig, get_peft_model
@@ -157,67 +155,6 @@ def apply_lora(
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
-
-
-class AdapterDisabledTeacher:
-    """The base weights of a LoRA student as the frozen teacher: no second copy of the model.
-
-    Calls run the student's forward inside peft's ``disable_adapter()`` and in eval mode, so
-    the teacher is exactly the model the adapter was added to (the student's initial weights).
-    Not an ``nn.Module`` on purpose: registering it would list the student's weights twice.
-
-    Args:
-        model: the peft-wrapped student.
-    """
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-
-    def __call__(self, *args, **kwargs):
-        """The student's forward with the adapter disabled, in eval mode (`plain_teacher`)."""
-        with plain_teacher(self) as model:
-            return model(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def plain_teacher(teacher: PreTrainedModel | AdapterDisabledTeacher) -> Iterator[PreTrainedModel]:
-    """The teacher as a causal LM that sampling and evaluation code can run for a block.
-
-    An `AdapterDisabledTeacher` is the peft student with its adapter disabled, in eval mode (the
-    frozen teacher never runs dropout), for the block; any other teacher is yielded as it is.
-    """
-    if not isinstance(teacher, AdapterDisabledTeacher):
-        yield teacher
-        return
-    model, was_training = teacher.model, teacher.model.training
-    model.eval()
-    try:
-        with model.disable_adapter():
-            yield model
-    finally:
-        model.train(was_training)
-
-
-def causal_lm(model: PreTrainedModel | AdapterDisabledTeacher) -> PreTrainedModel:
-    """The causal LM behind a teacher (the peft-wrapped student for `AdapterDisabledTeacher`)."""
-    return model.model if isinstance(model, AdapterDisabledTeacher) else model
-
-
-def run_body(model: PreTrainedModel | AdapterDisabledTeacher, **inputs):
-    """The model's decoder body (no LM head) on `inputs`; its output has ``last_hidden_state``.
-
-    An `AdapterDisabledTeacher` runs the peft student's body in eval mode with the adapter off,
-    as its ``__call__`` runs the whole model.
-    """
-    if not isinstance(model, AdapterDisabledTeacher):
-        return model.get_decoder()(**inputs)
-    peft, was_training = model.model, model.model.training
-    peft.eval()
-    try:
-        with peft.disable_adapter():
-            return peft.get_decoder()(**inputs)
-    finally:
-        peft.train(was_training)
 
 
 @torch.no_grad()
@@ -270,24 +207,6 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def is_lora(model: torch.nn.Module) -> bool:
     """Whether `model` carries a peft adapter."""
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-
-
-def make_teacher(
-    student: PreTrainedModel, teacher: PreTrainedModel | None = None
-) -> PreTrainedModel | AdapterDisabledTeacher:
-    """Return a frozen teacher: `teacher`, or the student's initial weights (self-distillation).
-
-    Self-distilling, the teacher is a deep copy of the student, or, when the student carries a
-    LoRA adapter, the student itself with the adapter disabled (`AdapterDisabledTeacher`, no
-    copy). A copied or separate teacher is put in eval mode and has `requires_grad` off
-    (`DistillationModule.on_fit_start` keeps Lightning's eval-mode warning from counting it).
-    """
-    if teacher is None and is_lora(student):
-        return AdapterDisabledTeacher(student)
-    teacher = copy.deepcopy(student) if teacher is None else teacher
-    teacher.requires_grad_(False)
-    teacher.eval()
-    return teacher
 
 
 def check_same_tokenizer(

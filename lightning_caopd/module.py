@@ -12,58 +12,31 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import lightning as L
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_caopd import reference
-from lightning_caopd.calibration import ConfidenceTargets, empirical_accuracy, p_acc_stats
+from lightning_caopd.calibration import ConfidenceTargets, empirical_accuracy
 from lightning_caopd.checkpointing import RNG_KEY, rng_states, set_rng_states
-from lightning_caopd.confidence import parse_confidence
 from lightning_caopd.diagnostics import TeacherDiagnostics
-from lightning_caopd.divergence import (
-    OutputHead,
-    divergence_loss,
-    fused_linear_divergence,
-    skip_first_tokens,
-    topk_tail_loss,
-)
-from lightning_caopd.divergence.fused import target_log_probs
-from lightning_caopd.divergence.importance import (
-    sampled_log_probs,
-    token_log_probs,
-    truncated_importance_weights,
-)
 from lightning_caopd.engines import HFEngine, RolloutEngine
 from lightning_caopd.errors import ConfigError
 from lightning_caopd.loggers import logs_step
-from lightning_caopd.models import (
-    AdapterDisabledTeacher,
-    causal_lm,
-    make_teacher,
-    run_body,
-)
 from lightning_caopd.readout import check_readout
-from lightning_caopd.rollout import (
-    Rollouts,
-    build_batch,
-    completion_hidden,
-    completion_logits,
-    encode_chats,
-    end_ids,
-    right_pad,
-    shared_prefix_hidden,
-    shared_prefix_logits,
-)
+from lightning_caopd.rollout import Rollouts, encode_chats, end_ids
 from lightning_caopd.scoring import EvalBatch, EvalScores, evaluate_items, gather_records
 from lightning_caopd.settings import LossSettings, RolloutSettings
 from lightning_caopd.sharding import gathered, is_sharded, shard
+from lightning_caopd.step.loss import Importance, LossBatch, loss_path
+from lightning_caopd.step.prompts import TeacherPrompts
+from lightning_caopd.step.result import StepResult
+from lightning_caopd.step.teacher import make_teacher
 from lightning_caopd.tasks.base import Task, task_scores
 from lightning_caopd.templates import TeacherTemplate
 
@@ -77,66 +50,6 @@ EVAL_DEFAULTS = {
     "protocol": "default",
 }
 EVAL_ENGINES = ("hf", "vllm")
-FUSED_CHUNK_SIZE = 256  # positions per chunk of the fused divergence when loss.chunk_size is null
-
-
-class StepOutputs:
-    """What a training step hands the callbacks beside its loss (``outputs["step"]``).
-
-    A plain object on purpose: Lightning walks every dict, list and dataclass a step returns
-    (to detach its tensors), and these lists of token ids and texts cost it milliseconds a step.
-
-    Attributes:
-        items: the step's B items.
-        texts: the B*K rollout texts, prompt-major.
-        correct: (B*K,) their verdicts.
-        p_acc: (B,) the share correct per prompt.
-        completions: the B*K training completions (token ids, after the confidence targets).
-        logits: the student's (B*K, T, V) logits on them, detached; None when fused.
-        teacher_prompts: the teacher prompts the step trained on (CaOPD's rewritten ones).
-        teacher_rows: (B*K,) bool, the rollouts in the loss.
-    """
-
-    __slots__ = (
-        "items",
-        "texts",
-        "correct",
-        "p_acc",
-        "completions",
-        "logits",
-        "teacher_prompts",
-        "teacher_rows",
-    )
-
-    def __init__(self, **fields) -> None:
-        for name in self.__slots__:
-            setattr(self, name, fields[name])
-
-
-@dataclass
-class TeacherInputs:
-    """The teacher's prompts for one step and what building them counted.
-
-    Attributes:
-        prompts: B prompts (one context per group) or B*K (one per rollout, ``sdpo_sibling``).
-        rows: (B*K,) bool, the rollouts whose teacher sees a privileged solution (False: no
-            successful sibling).
-        note_rows: (B*K,) bool, rollouts without a sibling that still count in the loss, their
-            teacher seeing the CaOPD note alone (``targets.note_only_rows``).
-        fallbacks: groups that fell back to the demonstration (``correct_solution``).
-        n_cut: teacher prompts cut to ``max_prompt_length``.
-    """
-
-    prompts: list[list[int]]
-    rows: torch.Tensor
-    note_rows: torch.Tensor
-    fallbacks: int
-    n_cut: int
-
-    @property
-    def in_loss(self) -> torch.Tensor:
-        """(B*K,) bool, the rollouts that count in the loss."""
-        return self.rows | self.note_rows
 
 
 class StudentSystem(L.LightningModule):
@@ -380,22 +293,23 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
         chat_template_kwargs: dict | None = None,
     ) -> None:
         super().__init__(student, tokenizer, task, optimizer, scheduler, eval, chat_template_kwargs)
-        self.rollout = rollout or RolloutSettings()
-        self.loss = loss or LossSettings()
-        self.targets = targets or ConfidenceTargets()
+        self.rollout, loss = rollout or RolloutSettings(), loss or LossSettings()
+        targets = targets or ConfidenceTargets()
+        targets.check(self.rollout.num_rollouts)
         self.verifier_errors = 0  # completions whose verifier raised (scored 0)
-        self.targets.check(self.rollout.num_rollouts)
-        self.save_hyperparameters(
-            {
-                "name": name,
-                "rollout": asdict(self.rollout),
-                "loss": asdict(self.loss),
-                "eval": self.eval_cfg,
-            }
-        )
+        hparams = {"name": name, "rollout": asdict(self.rollout), "loss": asdict(loss)}
+        self.save_hyperparameters({**hparams, "eval": self.eval_cfg})
         self.teacher = make_teacher(student, teacher)
-        check_loss_support(self.loss, student, self.teacher)
-        self.template = template
+        self.loss_path = loss_path(loss, tokenizer.pad_token_id)
+        self.loss_path.check(student, self.teacher)
+        self.teacher_inputs = TeacherPrompts(
+            template,
+            targets,
+            task,
+            tokenizer,
+            self.rollout.max_prompt_length,
+            self.chat_template_kwargs,
+        )
         self.engine = engine if engine is not None else HFEngine()
         self.engine.attach(tokenizer, end_ids(student, tokenizer), self.max_sequence())
         self._engine_step = -1  # the optimizer step the engine's weights are from
@@ -403,6 +317,16 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
         if not isinstance(switch, bool):
             raise ConfigError(f"eval.teacher_conditioned={switch!r} must be true or false.")
         self.teacher_scores = EvalScores(scoring=self.eval_cfg.get("scoring", "default"))
+
+    @property
+    def template(self) -> TeacherTemplate:
+        """How the privileged context enters the teacher's prompt (`teacher_inputs`')."""
+        return self.teacher_inputs.template
+
+    @property
+    def targets(self) -> ConfidenceTargets:
+        """The confidence-target policy (`teacher_inputs`'): completions and contexts."""
+        return self.teacher_inputs.targets
 
     def max_sequence(self) -> int | None:
         """The longest prompt + completion of a rollout or an evaluation (None: no limit)."""
@@ -417,26 +341,20 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
             self._engine_step = self.global_step
 
     def sharded_models(self) -> list[torch.nn.Module]:
-        """The student, and the teacher when it is a model of its own (not LoRA's base)."""
-        teacher = [self.teacher] if isinstance(self.teacher, torch.nn.Module) else []
-        return [self.student, *teacher]
+        """The student, and the teacher's own weights (none for LoRA's base)."""
+        return [self.student, *self.teacher.own_models()]
 
     def configure_model(self) -> None:  # noqa: D102 - see StudentSystem.configure_model
-        if self.device_mesh is not None and self.loss.fused:
-            raise ConfigError(
-                "method.loss.fused=true runs the models' bodies without their heads "
-                "(get_decoder()), outside the forward of the sharded model, whose embeddings and "
-                "head are then still sharded: it is not supported under trainer=fsdp. Set "
-                "method.loss.fused=false (the loss is the same) or use trainer=ddp."
-            )
+        if self.device_mesh is not None and self.loss_path.sharding_refusal:
+            raise ConfigError(self.loss_path.sharding_refusal)
         super().configure_model()
 
     def on_fit_start(self) -> None:  # noqa: D102
         # The frozen teacher sits in eval mode on purpose, and Lightning warns about every module
         # in eval mode at the start of training: silence the warning for exactly the teacher's
         # modules, so that it still fires when anything else (the student) is in eval mode.
-        if isinstance(self.teacher, torch.nn.Module):
-            n = sum(1 for m in self.teacher.modules() if not m.training)
+        n = self.teacher.modules_in_eval()
+        if n:
             warnings.filterwarnings(
                 "ignore", message=rf"Found {n} module\(s\) in eval mode at the start of training"
             )
@@ -456,36 +374,34 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
             self.engine.stop_ids,
             self.rollout.max_new_tokens,
         )
-        teacher = self.teacher_prompts(batch, roll, correct, p_acc)  # 4. teacher inputs
-        loss, per_token, mask, student_logits, correction = self.divergence(  # 5. divergence
-            prompts, teacher.prompts, completions, teacher.in_loss, roll
+        teacher = self.teacher_inputs(batch, roll.texts, correct, p_acc)  # 4. teacher inputs
+        loss = self.loss_path(  # 5. divergence
+            self.student,
+            self.teacher,
+            LossBatch(
+                prompts,
+                teacher.prompts,
+                completions,
+                teacher.in_loss,
+                self.importance(roll, completions),
+                self.device,
+            ),
         )
-        self.log_step(  # 6. log
+        result = StepResult(
             batch,
             roll,
             correct,
             p_acc,
-            loss,
-            per_token,
-            mask,
+            completions,
             teacher,
+            loss,
             n_cut,
             time.perf_counter() - start,
-            correction,
+            self.verifier_errors,
+            self.engine.last_sync_s if loss.correction else None,
         )
-        return {  # the loss, and what the callbacks log from the step (detached)
-            "loss": loss,
-            "step": StepOutputs(
-                items=batch,
-                texts=roll.texts,
-                correct=correct,
-                p_acc=p_acc,
-                completions=completions,
-                logits=None if student_logits is None else student_logits.detach(),
-                teacher_prompts=teacher.prompts,
-                teacher_rows=teacher.rows,
-            ),
-        }
+        self.log_step(result)  # 6. log
+        return {"loss": loss.loss, "step": result}  # the loss, and what the callbacks read
 
     def student_prompts(self, batch: list[dict]) -> tuple[list[dict], list[list[int]], int]:
         """The student's prompts, encoded; too long ones cut or skipped (counted, logged)."""
@@ -526,237 +442,15 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
         score = torch.tensor(scores)
         return score >= self.task.pass_score, empirical_accuracy(score, k)
 
-    def teacher_prompts(
-        self, batch: list[dict], roll: Rollouts, correct: torch.Tensor, p_acc: torch.Tensor
-    ) -> TeacherInputs:
-        """The teacher's prompts: the student's chat with the privileged context.
+    def importance(self, roll: Rollouts, completions: list[list[int]]) -> Importance | None:
+        """The importance correction of rollouts that carry their sampler's log-probs (vLLM)."""
+        if roll.logprobs is None:  # the student sampled them itself: nothing to correct
+            return None
+        pad, cap = self.tokenizer.pad_token_id, self.engine.correction_cap
+        return Importance(roll, completions, pad, cap, self.rollout.temperature)
 
-        The template gives one context per group or one per rollout (SDPO), and the
-        confidence-target policy rewrites each with its group's P_acc. A rollout without a
-        context (no successful sibling) gets the student's own prompt as a placeholder and
-        leaves the loss (``rows``), or, where the policy keeps such rows (``note_only_rows``),
-        gets a teacher prompt with the note alone and stays in the loss (``note_rows``).
-        """
-        k = self.rollout.num_rollouts
-        chats, rows, note_rows, fallbacks = [], [], [], 0
-        note_only = self.targets.note_only_rows
-        for b, item in enumerate(batch):
-            group = slice(b * k, (b + 1) * k)
-            contexts, fell_back = self.template.contexts(
-                item, roll.texts[group], correct[group].tolist()
-            )
-            fallbacks += fell_back
-            p, student_chat = p_acc[b].item(), self.task.student_messages(item)
-            note = self.targets.teacher_note(p)
-            for context in contexts:  # one per group, or one per rollout
-                rows.extend([context is not None] * (k // len(contexts)))
-                note_rows.extend([context is None and note_only] * (k // len(contexts)))
-                if context is not None:
-                    context = self.targets.teacher_context(context, p)
-                    chats.append(self.template.messages(student_chat, context, note))
-                elif note_only:
-                    chats.append(self.template.note_only_messages(student_chat, note))
-                else:
-                    chats.append(student_chat)
-        prompts, n_cut = encode_chats(
-            self.tokenizer,
-            chats,
-            self.rollout.max_prompt_length,
-            chat_template_kwargs=self.chat_template_kwargs,
-        )
-        return TeacherInputs(
-            prompts,
-            torch.tensor(rows, dtype=torch.bool),
-            torch.tensor(note_rows, dtype=torch.bool),
-            fallbacks,
-            n_cut,
-        )
-
-    def divergence(
-        self,
-        prompts: list[list[int]],
-        teacher_prompts: list[list[int]],
-        completions: list[list[int]],
-        rows: torch.Tensor | None = None,
-        sampled: Rollouts | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
-        """The divergence between teacher and student next-token distributions on completions.
-
-        ``method.loss`` picks the path: full vocabulary or top-k + tail (``topk``), from
-        materialised logits or fused with the output heads (``fused``: the bodies run without
-        their heads and no (B*K, T, V) logits exist). Both models' logits are divided by
-        ``loss.temperature`` before the divergence. Rollouts that carry their sampler's
-        log-probs (`sampled`, from vLLM) get the truncated importance weight (`importance`).
-
-        Args:
-            prompts: B student prompts.
-            teacher_prompts: B teacher prompts, or B*K (one per rollout).
-            completions: B*K training completions, prompt-major.
-            rows: (B*K,) bool, the rollouts that count (None: all).
-            sampled: the rollouts the completions came from (None: no correction).
-
-        Returns:
-            The loss, the (B*K, T) per-token divergence, the loss mask, the student's
-            (B*K, T, V) logits (None when fused) and the importance-weight statistics ({} without
-            sampler log-probs).
-        """
-        if self.loss.fused:
-            return self.fused_divergence(prompts, teacher_prompts, completions, rows, sampled)
-        with torch.no_grad():
-            teacher_logits, _ = self.completion_logits(self.teacher, teacher_prompts, completions)
-        student_logits, completion_mask = self.completion_logits(self.student, prompts, completions)
-        mask = self.loss_mask(completion_mask, rows)
-        weights, correction = self.importance(
-            sampled,
-            completions,
-            mask,
-            lambda ids: token_log_probs(student_logits, ids, self.rollout.temperature),
-        )
-        kind, beta, temperature = self.loss.divergence, self.loss.jsd_beta, self.loss.temperature
-        if self.loss.topk is None:
-            loss, per_token = divergence_loss(
-                student_logits,
-                teacher_logits,
-                mask,
-                kind,
-                beta,
-                temperature=temperature,
-                chunk_size=self.loss.chunk_size,
-                token_weights=weights,
-            )
-        else:
-            loss, per_token = topk_tail_loss(
-                student_logits,
-                teacher_logits,
-                mask,
-                k=self.loss.topk,
-                kind=kind,
-                beta=beta,
-                temperature=temperature,
-                token_weights=weights,
-            )
-        del teacher_logits  # free (B*K, T, V) before backward
-        return loss, per_token, mask, student_logits, correction
-
-    def fused_divergence(
-        self,
-        prompts: list[list[int]],
-        teacher_prompts: list[list[int]],
-        completions: list[list[int]],
-        rows: torch.Tensor | None = None,
-        sampled: Rollouts | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, dict]:
-        """`divergence` from the bodies' last hidden states and the output heads, chunk by chunk."""
-        with torch.no_grad():
-            teacher_hidden, _ = self.completion_hidden(self.teacher, teacher_prompts, completions)
-        student_hidden, completion_mask = self.completion_hidden(self.student, prompts, completions)
-        mask = self.loss_mask(completion_mask, rows)
-        student_head = OutputHead.from_causal_lm(self.student)
-        chunk = self.loss.chunk_size or FUSED_CHUNK_SIZE
-        weights, correction = self.importance(
-            sampled,
-            completions,
-            mask,
-            lambda ids: target_log_probs(
-                student_hidden, student_head, ids, mask, self.rollout.temperature, chunk
-            ),
-        )
-        loss, per_token = fused_linear_divergence(
-            student_hidden,  # (B*K, T, H)
-            student_head,
-            teacher_hidden,  # (B*K, T, H')
-            OutputHead.from_causal_lm(causal_lm(self.teacher)),
-            mask,
-            kind=self.loss.divergence,
-            beta=self.loss.jsd_beta,
-            temperature=self.loss.temperature,
-            topk=self.loss.topk,
-            chunk_size=chunk,
-            token_weights=weights,
-        )
-        return loss, per_token, mask, None, correction
-
-    def importance(
-        self,
-        sampled: Rollouts | None,
-        completions: list[list[int]],
-        mask: torch.Tensor,
-        student_log_probs: Callable[[torch.Tensor], torch.Tensor],
-    ) -> tuple[torch.Tensor | None, dict]:
-        """The truncated importance weights of rollouts drawn by another engine (vLLM).
-
-        Args:
-            sampled: the step's rollouts; without sampler log-probs (the ``hf`` engine) there is
-                nothing to correct.
-            completions: the B*K training completions.
-            mask: (B*K, T) the loss mask.
-            student_log_probs: (B*K, T) token ids -> the student's log-probs of them at the
-                sampling temperature (``rollout.temperature``, the sampler's distribution,
-                whatever ``loss.temperature`` is), from the step's logits or hidden states.
-
-        Returns:
-            The (B*K, T) weights (None: no weighting; also when the engine's correction is
-            off) and their statistics (``logprob_gap``, ``capped_frac``, ``weight_mean``).
-        """
-        if sampled is None or sampled.logprobs is None:
-            return None, {}
-        width = mask.shape[1]
-        ids, _ = right_pad(completions, self.tokenizer.pad_token_id, mask.device)
-        sampler = sampled_log_probs(sampled.completions, sampled.logprobs, completions, width)
-        cap = self.engine.correction_cap
-        weights, stats = truncated_importance_weights(
-            student_log_probs(ids[:, :width]), sampler, mask, math.inf if cap is None else cap
-        )
-        return (None if cap is None else weights), stats
-
-    def loss_mask(self, completion_mask: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        """(B*K, T) positions in the loss: completions, less the skipped first tokens and rows."""
-        mask = skip_first_tokens(completion_mask, self.loss.skip_first_tokens)
-        return mask if rows is None else mask & rows.to(mask.device)[:, None]
-
-    def completion_logits(
-        self, model: PreTrainedModel, prompts: list[list[int]], completions: list[list[int]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B*K, T, V) on the completions of B prompts, and the completion mask.
-
-        With ``loss.share_prompt_prefix`` each prompt is encoded once for its K completions.
-        """
-        pad = self.tokenizer.pad_token_id
-        if self.loss.share_prompt_prefix:
-            return shared_prefix_logits(model, prompts, completions, pad, self.device)
-        k = len(completions) // len(prompts)
-        batch = build_batch([p for p in prompts for _ in range(k)], completions, pad, self.device)
-        return completion_logits(model, batch), batch["completion_mask"]
-
-    def completion_hidden(
-        self, model: PreTrainedModel, prompts: list[list[int]], completions: list[list[int]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Last hidden states (B*K, T, H) predicting each completion token, and the mask.
-
-        The body alone (no LM head), otherwise as `completion_logits`.
-        """
-        pad, body = self.tokenizer.pad_token_id, functools.partial(run_body, model)
-        if self.loss.share_prompt_prefix:
-            return shared_prefix_hidden(body, prompts, completions, pad, self.device)
-        k = len(completions) // len(prompts)
-        batch = build_batch([p for p in prompts for _ in range(k)], completions, pad, self.device)
-        return completion_hidden(body, batch), batch["completion_mask"]
-
-    def log_step(
-        self,
-        batch,
-        roll,
-        correct,
-        p_acc,
-        loss,
-        per_token,
-        mask,
-        teacher,
-        n_cut,
-        elapsed,
-        correction,
-    ) -> None:
-        """The step's scalars: loss, divergence, rollout accuracy, P_acc, format, throughput.
+    def log_step(self, result: StepResult) -> None:
+        """The step's scalars (`StepResult.scalars`) and the progress bar's.
 
         Only at the steps whose logged values reach the loggers (``trainer.log_every_n_steps``,
         `logs_step`); a step called without a Trainer computes them (``self.log`` is then a
@@ -767,70 +461,8 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
                 return
         except RuntimeError:  # not attached to a Trainer
             pass
-        n = len(roll.texts)
-        fallback_frac = teacher.fallbacks / len(batch)
-        formatted = [parse_confidence(t) is not None for t in roll.texts]
-        stats = {
-            "train/loss": loss.detach(),
-            "train/divergence": per_token.detach().sum() / mask.sum().clamp(min=1),
-            "train/rollout_accuracy": correct.float().mean(),
-            "train/p_acc_mean": p_acc.mean(),
-            "train/format_rate": torch.tensor(formatted, dtype=torch.float).mean(),
-            "train/truncated_frac": torch.tensor(roll.truncated, dtype=torch.float).mean(),
-            "train/no_correct_solution_frac": torch.tensor(fallback_frac),
-            # rollouts left out of the loss for want of a successful sibling (SDPO)
-            "train/sdpo_masked_frac": (~teacher.in_loss).float().mean(),
-            "train/prompts_truncated": torch.tensor(float(n_cut + teacher.n_cut)),
-            # completions whose verifier raised (scored 0), so far in this run
-            "train/verifier_errors": torch.tensor(float(self.verifier_errors)),
-            "train/rollouts_per_s": torch.tensor(n / elapsed),
-            "train/tokens_per_s": torch.tensor(sum(len(c) for c in roll.completions) / elapsed),
-        }
-        stats.update({f"train/{k}": torch.tensor(v) for k, v in p_acc_stats(p_acc).items()})
-        if correction:  # rollouts from another engine (vLLM): its sync and the weights
-            stats["train/engine_sync_s"] = torch.tensor(self.engine.last_sync_s)
-            stats.update(
-                {f"train/is_{k}": torch.tensor(v) for k, v in correction.items() if v == v}
-            )
-        self.log_dict(stats, batch_size=len(batch))
-        self.log("loss", loss.detach(), prog_bar=True, batch_size=len(batch), logger=False)
-        self.log("p_acc", p_acc.mean(), prog_bar=True, batch_size=len(batch), logger=False)
-        self.log("rollouts/s", n / elapsed, prog_bar=True, batch_size=len(batch), logger=False)
-
-
-def check_loss_support(
-    loss: LossSettings, student: PreTrainedModel, teacher: PreTrainedModel | AdapterDisabledTeacher
-) -> None:
-    """Refuse at start-up a ``method.loss`` the models cannot serve.
-
-    ``topk`` must not exceed the vocabulary; ``fused`` needs each model's output head to be a
-    plain ``torch.nn.Linear`` (tied to the input embedding or not; LoRA on the head, or a head
-    that is another module, is refused) and a decoder body reachable by ``get_decoder()``.
-
-    Raises:
-        ConfigError: naming the key and what to change.
-    """
-    vocab = student.get_output_embeddings().weight.shape[0]
-    if loss.topk is not None and loss.topk > vocab:
-        raise ConfigError(
-            f"method.loss.topk={loss.topk} exceeds the vocabulary ({vocab} tokens); set it to at "
-            f"most {vocab}, or null for the full vocabulary."
-        )
-    if not loss.fused:
-        return
-    for role, model in (("student", student), ("teacher", causal_lm(teacher))):
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        lora = any("lora" in name.lower() for name, _ in head.named_modules()) if head else False
-        if type(head) is not torch.nn.Linear or lora:
-            raise ConfigError(
-                f"method.loss.fused=true needs the {role}'s output head to be a plain "
-                f"torch.nn.Linear; it is {type(head).__name__}"
-                + (" with a LoRA adapter" if lora else "")
-                + ". Leave the head out of model.lora.target_modules, or set "
-                "method.loss.fused=false."
-            )
-        if not hasattr(model, "get_decoder"):
-            raise ConfigError(
-                f"method.loss.fused=true runs the {role}'s body without its head through "
-                f"get_decoder(), which {type(model).__name__} lacks; set method.loss.fused=false."
-            )
+        n = len(result.items)
+        self.log_dict(result.scalars(), batch_size=n)
+        self.log("loss", result.loss.loss, prog_bar=True, batch_size=n, logger=False)
+        self.log("p_acc", result.p_acc.mean(), prog_bar=True, batch_size=n, logger=False)
+        self.log("rollouts/s", result.rollouts_per_s, prog_bar=True, batch_size=n, logger=False)

@@ -312,7 +312,8 @@ def completion_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) ->
 def completion_hidden(body: Callable, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Last hidden states (N, T, H) predicting each completion token.
 
-    `completion_logits` for a model's body without its head (`lightning_caopd.models.run_body`).
+    `completion_logits` for a model's body without its head (a decoder's forward,
+    `lightning_caopd.step.teacher.Teacher.body`).
     """
     t = batch["completion_mask"].shape[1]
     out = body(
@@ -322,6 +323,40 @@ def completion_hidden(body: Callable, batch: dict[str, torch.Tensor]) -> torch.T
         use_cache=False,
     )
     return out.last_hidden_state[:, -t - 1 : -1]
+
+
+def repeated_prefix_logits(
+    model: Callable,
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    pad_id: int,
+    device=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`shared_prefix_logits` without the sharing: each prompt repeated for its K completions.
+
+    One `build_batch` row per completion; returns the logits (B*K, T, V) predicting each
+    completion token and the completion mask (B*K, T).
+    """
+    return _repeated_prefix(completion_logits, model, prompts, completions, pad_id, device)
+
+
+def repeated_prefix_hidden(
+    body: Callable,
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    pad_id: int,
+    device=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`repeated_prefix_logits` for a model's body: last hidden states (B*K, T, H) and the mask."""
+    return _repeated_prefix(completion_hidden, body, prompts, completions, pad_id, device)
+
+
+def _repeated_prefix(
+    read: Callable, forward: Callable, prompts, completions, pad_id, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    k = len(completions) // len(prompts)
+    batch = build_batch([p for p in prompts for _ in range(k)], completions, pad_id, device)
+    return read(forward, batch), batch["completion_mask"]
 
 
 def shared_prefix_logits(

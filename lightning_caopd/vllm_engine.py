@@ -36,7 +36,7 @@ import torch
 from lightning_caopd.checkpointing import untouched_rng
 from lightning_caopd.engines import RolloutEngine
 from lightning_caopd.errors import ConfigError, out_of_range
-from lightning_caopd.models import causal_lm, full_state_dict
+from lightning_caopd.models import full_state_dict
 from lightning_caopd.rollout import Rollouts
 
 log = logging.getLogger(__name__)
@@ -170,8 +170,7 @@ class VLLMEngine(RolloutEngine):
     def _start(self, model: torch.nn.Module) -> None:
         """Start ``vllm.LLM`` from `model`'s config, with placeholder weights."""
         vllm = import_vllm()
-        lm = causal_lm(model)
-        lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         config = lm.config
         dtype = self.dtype or str(next(model.parameters()).dtype).removeprefix("torch.")
         max_len = self.fixed_max_model_len or self.max_model_len

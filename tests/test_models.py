@@ -6,8 +6,9 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 
-from lightning_caopd.models import AdapterDisabledTeacher, load_pretrained
+from lightning_caopd.models import load_pretrained
 from lightning_caopd.runner import build
+from lightning_caopd.step.teacher import AdapterDisabledTeacher
 
 LORA = "model.lora={r:4,alpha:8,target_modules:[q_proj,v_proj]}"
 

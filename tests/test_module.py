@@ -16,6 +16,7 @@ from lightning_caopd.module import DistillationModule
 from lightning_caopd.rollout import Rollouts
 from lightning_caopd.runner import build, run
 from lightning_caopd.settings import LossSettings, RolloutSettings
+from lightning_caopd.step.loss import LossBatch, LossOutput
 from lightning_caopd.tasks.toy import ToyTask, make_items
 from lightning_caopd.templates import TeacherTemplate
 from tests.fixtures.runs import ROOT, logged, subprocess_env
@@ -63,10 +64,17 @@ def test_training_on_length_limited_generations_without_confidence_lines(
     assert all(math.isfinite(v) for v in logged(tmp_path, "train/loss"))
 
 
-# --- method.loss: the top-k + tail and fused paths of DistillationModule.divergence ----------
+# --- method.loss: the top-k + tail and fused loss paths (lightning_caopd.step.loss) ---------
 
 
-def _module(tied: bool = True, lora: list[str] | None = None, **loss) -> DistillationModule:
+def _module(
+    tied: bool = True,
+    lora: list[str] | None = None,
+    template: TeacherTemplate | None = None,
+    targets: CaOPD | None = None,
+    rollout: RolloutSettings | None = None,
+    **loss,
+) -> DistillationModule:
     """A DistillationModule on a tiny random Llama (head tied to the embedding or not).
 
     The same arguments give the same weights; the teacher is the student's copy moved by seeded
@@ -87,15 +95,22 @@ def _module(tied: bool = True, lora: list[str] | None = None, **loss) -> Distill
         tokenizer=build_char_tokenizer(),
         task=ToyTask(),
         optimizer=partial(torch.optim.AdamW, lr=1e-3),
-        template=TeacherTemplate(),
-        rollout=RolloutSettings(num_rollouts=3, max_new_tokens=10),
+        template=template or TeacherTemplate(),
+        rollout=rollout or RolloutSettings(num_rollouts=3, max_new_tokens=10),
         loss=LossSettings(**loss),
+        targets=targets,
     )
-    if isinstance(module.teacher, torch.nn.Module):
+    if module.teacher.owns_weights:
         with torch.no_grad():
             for p in module.teacher.parameters():
                 p.add_(torch.randn(p.shape, generator=gen) * 0.05)
     return module
+
+
+def _divergence(module, prompts, teacher_prompts, completions, rows=None) -> LossOutput:
+    """The module's loss path on given tokens (no importance correction)."""
+    batch = LossBatch(prompts, teacher_prompts, completions, rows, device=module.device)
+    return module.loss_path(module.student, module.teacher, batch)
 
 
 def _step(module: DistillationModule, seed: int = 0) -> tuple[torch.Tensor, dict]:
@@ -178,14 +193,12 @@ def test_fused_divergence_with_per_rollout_teacher_prompts_and_masked_rows():
     results = []
     for module in (unfused, fused):
         module.student.zero_grad()
-        loss, per_token, mask, _, correction = module.divergence(
-            prompts, teacher_prompts, completions, rows
-        )
-        assert correction == {}  # no sampler log-probs: no importance weights
-        loss.backward()
-        assert not mask[~rows].any() and (per_token[~rows] == 0).all()
+        out = _divergence(module, prompts, teacher_prompts, completions, rows)
+        assert out.correction == {}  # no sampler log-probs: no importance weights
+        out.loss.backward()
+        assert not out.mask[~rows].any() and (out.per_token[~rows] == 0).all()
         results.append(
-            (loss.detach(), {n: p.grad.clone() for n, p in module.student.named_parameters()})
+            (out.loss.detach(), {n: p.grad.clone() for n, p in module.student.named_parameters()})
         )
     _assert_same(*results, 1e-5)
 
@@ -218,9 +231,10 @@ def test_fused_with_lora_on_the_body_equals_unfused():
 
 def _by_hand(module, prompts, teacher_prompts, completions, temperature, topk=None):
     """Forward KL(teacher || student) of softmax(logits / temperature), written out."""
+    pad, logits = module.tokenizer.pad_token_id, module.loss_path.logits
     with torch.no_grad():
-        s, mask = module.completion_logits(module.student, prompts, completions)  # (N, T, V)
-        t, _ = module.completion_logits(module.teacher, teacher_prompts, completions)
+        s, mask = logits(module.student, prompts, completions, pad)  # (N, T, V)
+        t, _ = logits(module.teacher, teacher_prompts, completions, pad)
     s_lp = torch.log_softmax(s.float() / temperature, dim=-1)
     t_lp = torch.log_softmax(t.float() / temperature, dim=-1)
     if topk is not None:  # the teacher's top-k tokens and one bucket for the rest
@@ -248,7 +262,7 @@ def test_loss_temperature_divides_both_models_logits(path):
     losses = {}
     for temperature in (1.0, 2.0):
         module = _module(**path, temperature=temperature)
-        loss = module.divergence(prompts, teacher_prompts, completions)[0].detach()
+        loss = _divergence(module, prompts, teacher_prompts, completions).loss.detach()
         topk = path.get("topk")
         hand = _by_hand(module, prompts, teacher_prompts, completions, temperature, topk)
         torch.testing.assert_close(loss, hand, atol=1e-5, rtol=1e-5)
@@ -267,9 +281,7 @@ def test_loss_temperature_out_of_range_is_refused(value):
 
 @pytest.mark.parametrize("cut", ["last", "first"])
 def test_training_completions_fit_the_rollout_length_with_cut_first(cut):
-    module = _module()
-    module.targets = CaOPD(cut=cut)
-    module.rollout = RolloutSettings(num_rollouts=3, max_new_tokens=6)
+    module = _module(targets=CaOPD(cut=cut), rollout=RolloutSettings(3, max_new_tokens=6))
     torch.manual_seed(0)
     out = module.training_step(make_items(2, 0, "train", 0), 0)
     lengths = [len(c) for c in out["step"].completions]
@@ -286,17 +298,15 @@ SDPO_FORMAT = (
 
 @pytest.mark.parametrize("caopd", [False, True])
 def test_sdpo_step_masks_rollouts_without_a_successful_sibling_and_counts_them(caopd):
-    module = _module()
-    module.template = TeacherTemplate(source="sdpo_sibling", user_format=SDPO_FORMAT)
-    if caopd:
-        module.targets = CaOPD()
+    template = TeacherTemplate(source="sdpo_sibling", user_format=SDPO_FORMAT)
+    module = _module(template=template, targets=CaOPD() if caopd else None)
     tok, batch = module.tokenizer, make_items(2, 0, "train", 0)
     right = f"<think>so</think>Answer: {batch[0]['answer']}\nConfidence: 0.5"
     texts = [right, "Answer: #", "Answer: #", "Answer: #", "Answer: #", "Answer: #"]
     roll = Rollouts([tok(t)["input_ids"] + [tok.eos_token_id] for t in texts], texts, [False] * 6)
     correct, p_acc = module.verify(batch, texts)
     assert correct.tolist() == [True] + [False] * 5  # group 0: one success; group 1: none
-    teacher = module.teacher_prompts(batch, roll, correct, p_acc)
+    teacher = module.teacher_inputs(batch, texts, correct, p_acc)
     assert len(teacher.prompts) == 6 and teacher.rows.tolist() == [False, True, True] + [False] * 3
     student_prompts = module.student_prompts(batch)[1]
     confidence = "0.33" if caopd else "1.00"
@@ -320,19 +330,18 @@ def test_sdpo_step_masks_rollouts_without_a_successful_sibling_and_counts_them(c
 
 def test_caopd_sdpo_note_only_rows_stay_in_the_loss_with_the_note_as_their_context():
     """``note_only_rows``: rollouts without a successful sibling train against the note alone."""
-    module = _module()
-    module.template = TeacherTemplate(
+    template = TeacherTemplate(
         source="sdpo_sibling",
         user_format=SDPO_FORMAT,
         note_only_format="{prompt}{note}\n\nCorrectly solve the original question.",
     )
-    module.targets = CaOPD(note_only_rows=True)
+    module = _module(template=template, targets=CaOPD(note_only_rows=True))
     tok, batch = module.tokenizer, make_items(2, 0, "train", 0)
     texts = [f"Answer: {batch[0]['answer']}\nConfidence: 0.5", "Answer: #", "Answer: #"]
     texts += ["Answer: #"] * 3
     roll = Rollouts([tok(t)["input_ids"] + [tok.eos_token_id] for t in texts], texts, [False] * 6)
     correct, p_acc = module.verify(batch, texts)
-    teacher = module.teacher_prompts(batch, roll, correct, p_acc)
+    teacher = module.teacher_inputs(batch, texts, correct, p_acc)
     assert teacher.rows.tolist() == [False, True, True] + [False] * 3  # a sibling as context
     assert teacher.note_rows.tolist() == [True, False, False] + [True] * 3
     assert teacher.in_loss.all()
@@ -428,8 +437,8 @@ def test_smollm2_caopd_builds_its_arithmetic_base_on_first_use(smollm2_cache, tm
 
 def test_sdpo_row_loss_equals_the_demo_path_when_the_sibling_states_the_demo():
     """Per rollout, SDPO's divergence is OPD's when the contexts agree (only the prompt moves)."""
-    demo, sdpo = _module(), _module()
-    sdpo.template = TeacherTemplate(source="sdpo_sibling")  # the toy's context format
+    # the toy's context format, one per rollout
+    demo, sdpo = _module(), _module(template=TeacherTemplate(source="sdpo_sibling"))
     tok, batch = demo.tokenizer, make_items(2, 0, "train", 0)
     texts = [f"Answer: {it['answer']}\nConfidence: 0.{i + 3}" for it in batch for i in range(3)]
     roll = Rollouts([tok(t)["input_ids"] + [tok.eos_token_id] for t in texts], texts, [False] * 6)
@@ -438,9 +447,10 @@ def test_sdpo_row_loss_equals_the_demo_path_when_the_sibling_states_the_demo():
     _, prompts, _ = demo.student_prompts(batch)
     per_token = []
     for module in (demo, sdpo):
-        teacher = module.teacher_prompts(batch, roll, correct, p_acc)
+        teacher = module.teacher_inputs(batch, texts, correct, p_acc)
         assert len(teacher.prompts) == (2 if module is demo else 6)
-        per_token.append(module.divergence(prompts, teacher.prompts, roll.completions)[1])
+        out = _divergence(module, prompts, teacher.prompts, roll.completions)
+        per_token.append(out.per_token)
     assert per_token[0].sum() > 0
     torch.testing.assert_close(per_token[0], per_token[1], atol=1e-5, rtol=1e-5)
 
@@ -504,9 +514,8 @@ def test_teacher_conditioned_block_leaves_training_and_student_scores_alone(
 
 @pytest.mark.parametrize("source", ["demo", "correct_solution", "sdpo_sibling"])
 def test_teacher_is_evaluated_on_the_demonstration_without_caopd_note(source):
-    module = _module()
-    module.template = TeacherTemplate(source=source, user_format=SDPO_FORMAT)
-    module.targets = CaOPD()  # OPD's target at evaluation: no note, no replaced confidence
+    # CaOPD's targets: OPD's at evaluation all the same (no note, no replaced confidence)
+    module = _module(template=TeacherTemplate(source, user_format=SDPO_FORMAT), targets=CaOPD())
     items = make_items(3, 0, "eval", 0)
     module.eval()
     teacher, student = module.evaluate_teacher(items), module.score(module.student, items)
@@ -542,7 +551,7 @@ def test_teacher_samples_k_per_group_prompt_and_one_per_rollout_prompt():
     group = module.training_step(batch, 0)["step"]
     assert len(group.teacher_prompts) == 2 and group.teacher_rows.tolist() == [True] * 6
     assert len(module.sample_teacher(group.teacher_prompts).texts) == 6
-    module.template = TeacherTemplate(source="sdpo_sibling")
+    module = _module(template=TeacherTemplate(source="sdpo_sibling"))
     per_rollout = [group.teacher_prompts[b] for b in (0, 0, 0, 1, 1, 1)]
     assert len(module.sample_teacher(per_rollout).texts) == 6
 

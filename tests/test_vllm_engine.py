@@ -8,6 +8,7 @@ cannot serve. The end-to-end runs (SmolLM2, two DDP processes) are in ``test_vll
 from __future__ import annotations
 
 from functools import partial
+from unittest import mock
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from lightning_caopd.errors import ConfigError
 from lightning_caopd.models import apply_lora, build_char_tokenizer, build_tiny_llama
 from lightning_caopd.module import DistillationModule
 from lightning_caopd.settings import LossSettings, RolloutSettings
+from lightning_caopd.step.loss import LossBatch
 from lightning_caopd.tasks.toy import ToyTask, make_items
 from lightning_caopd.templates import TeacherTemplate
 from lightning_caopd.vllm_engine import VLLMEngine
@@ -108,15 +110,15 @@ def _module(engine, targets=None, fused=False) -> DistillationModule:
 def _weights_of_a_step(module) -> tuple[torch.Tensor | None, dict, torch.Tensor]:
     """One training step's importance weights (None: none applied), statistics and loss."""
     seen = {}
-    original = module.importance
+    original = LossBatch.weigh
 
-    def spy(*args, **kwargs):
-        seen["out"] = original(*args, **kwargs)
+    def spy(self, *args):
+        seen["out"] = original(self, *args)
         return seen["out"]
 
-    module.importance = spy
     torch.manual_seed(0)
-    loss = module.training_step(make_items(3, 0, "train", 0), 0)["loss"]
+    with mock.patch.object(LossBatch, "weigh", spy):
+        loss = module.training_step(make_items(3, 0, "train", 0), 0)["loss"]
     weights, stats = seen["out"]
     return weights, stats, loss
 
