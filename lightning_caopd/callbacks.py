@@ -12,9 +12,11 @@
 * `TeacherSuccess`: every N steps, how often the teacher itself succeeds on the step's
   privileged prompts (the paper's optimism bias, during training).
 
-The modules publish what callbacks read: a training step returns its rollouts beside the loss
-(``outputs["step"]``, a `lightning_caopd.module.StepOutputs`), an evaluation leaves its result
-in ``pl_module.evaluation``.
+The modules publish what callbacks read, and nothing else is read: a training step returns its
+result beside the loss (``outputs["step"]``, a `lightning_caopd.step.result.StepResult`), an
+evaluation leaves its result in ``pl_module.evaluation``; of the module itself a callback reads
+what `lightning_caopd.step.result.StudentView` (any system) or
+`lightning_caopd.step.result.DistillationView` (a distillation system) names.
 """
 
 from __future__ import annotations
@@ -35,12 +37,13 @@ from lightning_caopd.loggers import log_histogram, log_image, log_rollouts, logs
 from lightning_caopd.metrics.plot import reliability_image, save_reliability_png
 from lightning_caopd.scoring import token_entropy
 from lightning_caopd.sharding import full_model_state_dict, is_sharded
+from lightning_caopd.step.result import DistillationView, StepResult, StudentView
 
 METRICS_FILE = "metrics.json"
 
 
-def step_outputs(outputs):
-    """A distillation step's `lightning_caopd.module.StepOutputs`, or None for other steps."""
+def step_outputs(outputs) -> StepResult | None:
+    """A distillation step's `lightning_caopd.step.result.StepResult`, or None for other steps."""
     return outputs.get("step") if isinstance(outputs, dict) else None
 
 
@@ -80,7 +83,7 @@ class MetricsWriter(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
         self._fitting = True
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_end(self, trainer: L.Trainer, pl_module: StudentView) -> None:
         """Record the evaluation `pl_module` just finished and write the run's files."""
         result = dict(pl_module.evaluation)
         self.last_step = trainer.global_step
@@ -136,7 +139,7 @@ class StudentExport(Callback):
         super().__init__()
         self.output_dir = Path(output_dir)
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+    def on_fit_end(self, trainer: L.Trainer, pl_module: StudentView) -> None:  # noqa: D102
         from lightning_caopd.checkpointing import STUDENT_DIR
         from lightning_caopd.models import save_model
 
@@ -172,7 +175,7 @@ class TeacherEMA(StepAware):
             raise ValueError(f"callbacks.teacher_ema.rate={rate!r} must be a number in [0, 1].")
         self.rate = rate
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
+    def setup(self, trainer: L.Trainer, pl_module: DistillationView, stage: str) -> None:  # noqa: D102
         if self.rate > 0 and not pl_module.teacher.owns_weights:
             raise ValueError(
                 "callbacks.teacher_ema.rate > 0 moves the teacher toward the student, but with "
@@ -181,7 +184,9 @@ class TeacherEMA(StepAware):
                 "or model.lora=null."
             )
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
+    def on_train_batch_end(  # noqa: D102
+        self, trainer, pl_module: DistillationView, outputs, batch, batch_idx
+    ) -> None:
         if self.rate == 0 or trainer.global_step == self._step:
             return  # frozen teacher, or a micro-batch without an optimizer step
         if not any(p.grad is not None for p in pl_module.student.parameters()):
@@ -217,7 +222,7 @@ class NonFiniteGuard(Callback):
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:  # noqa: D102
         self._loss_finite = self._loss_finite and bool(torch.isfinite(loss).all())
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # noqa: D102
+    def on_before_optimizer_step(self, trainer, pl_module: StudentView, optimizer) -> None:  # noqa: D102
         # the optimizer's parameters: walking the module tree (teacher, metrics) costs more
         params = (p for group in optimizer.param_groups for p in group["params"])
         finite = self._loss_finite and all_finite(params)
@@ -283,7 +288,9 @@ class RolloutEntropy(StepAware):
     ``confidence_entropy`` in ``metrics.json`` still are).
     """
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
+    def on_train_batch_end(  # noqa: D102
+        self, trainer, pl_module: StudentView, outputs, batch, batch_idx
+    ) -> None:
         out = step_outputs(outputs)
         if out is None or out.logits is None or not logs_step(trainer, self._step):
             return  # not a distillation step, a fused one (no student logits), or not logged
@@ -357,8 +364,8 @@ class EveryNSteps(StepAware):
         self._last_step = step
         self.on_due_step(trainer, pl_module, out, step)
 
-    def on_due_step(self, trainer, pl_module, out, step: int) -> None:
-        """The work of a scheduled step: `out` is its `lightning_caopd.module.StepOutputs`."""
+    def on_due_step(self, trainer, pl_module: StudentView, out: StepResult, step: int) -> None:
+        """The work of a scheduled step: `out` is its `lightning_caopd.step.result.StepResult`."""
         raise NotImplementedError
 
 
@@ -382,7 +389,7 @@ class RolloutTable(EveryNSteps):
         super().__init__(every)
         self.rows = rows
 
-    def on_due_step(self, trainer, pl_module, out, step: int) -> None:  # noqa: D102
+    def on_due_step(self, trainer, pl_module: StudentView, out: StepResult, step: int) -> None:  # noqa: D102
         rows = rollout_rows(
             step, out.items, pl_module.task, out.texts, out.correct, out.p_acc, self.rows
         )
@@ -479,7 +486,9 @@ class TeacherSuccess(EveryNSteps):
         check_int("callbacks.teacher_success.every_n_steps", every_n_steps, 1)
         super().__init__(every_n_steps)
 
-    def on_due_step(self, trainer, pl_module, out, step: int) -> None:  # noqa: D102
+    def on_due_step(  # noqa: D102
+        self, trainer, pl_module: DistillationView, out: StepResult, step: int
+    ) -> None:
         roll = pl_module.sample_teacher(out.teacher_prompts)
         correct, _ = pl_module.verify(out.items, roll.texts)
         stats = teacher_success_stats(correct, roll.texts, out.teacher_rows, out.p_acc)

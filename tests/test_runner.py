@@ -450,6 +450,7 @@ def test_chat_template_kwargs_reach_student_teacher_and_evaluation(
     from lightning_caopd import module as module_lib
     from lightning_caopd import rollout
     from lightning_caopd import scoring as scoring_lib
+    from lightning_caopd.step import prompts as prompts_lib
 
     calls = []
 
@@ -459,6 +460,7 @@ def test_chat_template_kwargs_reach_student_teacher_and_evaluation(
 
     monkeypatch.setattr(module_lib, "encode_chats", recording)
     monkeypatch.setattr(scoring_lib, "encode_chats", recording)
+    monkeypatch.setattr(prompts_lib, "encode_chats", recording)
     run(
         _paper_cfg(
             make_cfg,
