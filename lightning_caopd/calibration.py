@@ -66,7 +66,6 @@ class ConfidenceTargets:
     What the teacher's privileged context says, the student learns to say.
     """
 
-    needs_p_acc: bool = False  # whether the policy needs K >= 2 rollouts per prompt
     # whether a rollout with no privileged solution (SDPO: no successful sibling) stays in the
     # loss, its teacher seeing the note alone
     note_only_rows: bool = False
@@ -144,7 +143,6 @@ class CaOPD(ConfidenceTargets):
     add_note: bool = True
     note_only_rows: bool = False
     cut: str = "last"
-    needs_p_acc = True
 
     def __post_init__(self) -> None:
         if self.cut not in CUTS:

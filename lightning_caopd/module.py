@@ -1,8 +1,10 @@
 """The OPD / CaOPD system: a trainable student and a frozen teacher in one LightningModule.
 
-`DistillationModule.training_step` is the paper's algorithm box, one call per line; what
-happens around the step (teacher EMA, the non-finite guard, rollout tables, entropies,
-reliability diagrams, ``metrics.json``) is in `lightning_caopd.callbacks`.
+`DistillationModule.training_step` is the paper's algorithm box, one call per line; the step's
+parts are objects the configuration chooses (`lightning_caopd.step`: the teacher, the teacher's
+inputs, the loss path, the step's result), and what happens around the step (teacher EMA, the
+non-finite guard, rollout tables, entropies, reliability diagrams, ``metrics.json``) is in
+`lightning_caopd.callbacks`.
 
 The teacher side of the paper's diagnosis (the teacher scored with the privileged context) is the
 `lightning_caopd.diagnostics.TeacherDiagnostics` mixin.
@@ -259,11 +261,13 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
         optimizer: a partial optimizer (Hydra ``_partial_: true``) over the student's parameters.
         template: how the privileged context enters the teacher's prompt.
         rollout: how the K rollouts per prompt are sampled (`RolloutSettings`).
-        loss: the divergence on the completions (`LossSettings`).
+        loss: the divergence on the completions (`LossSettings`); it chooses the loss path
+            (`lightning_caopd.step.loss.loss_path`), checked against the models here.
         targets: the confidence-target policy: `ConfidenceTargets` (OPD, the default) or
             `lightning_caopd.calibration.CaOPD`.
         teacher: a separately configured frozen teacher; None self-distils from a copy of the
             student's initial weights (or, with LoRA, the base weights with the adapter off).
+            Either way ``self.teacher`` is a `lightning_caopd.step.teacher.Teacher`.
         scheduler: optional partial LR scheduler over the optimizer.
         engine: what samples the rollouts (`lightning_caopd.engines`); None is `HFEngine`,
             the student's own batched decoding. ``sync_weights`` is called before the first
@@ -388,17 +392,17 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
             ),
         )
         result = StepResult(
-            batch,
-            roll,
-            correct,
-            p_acc,
-            completions,
-            teacher,
-            loss,
-            n_cut,
-            time.perf_counter() - start,
-            self.verifier_errors,
-            self.engine.last_sync_s if loss.correction else None,
+            items=batch,
+            rollouts=roll,
+            correct=correct,
+            p_acc=p_acc,
+            completions=completions,
+            teacher=teacher,
+            loss=loss,
+            n_cut=n_cut,
+            elapsed=time.perf_counter() - start,
+            verifier_errors=self.verifier_errors,
+            engine_sync_s=self.engine.last_sync_s if loss.correction else None,
         )
         self.log_step(result)  # 6. log
         return {"loss": loss.loss, "step": result}  # the loss, and what the callbacks read

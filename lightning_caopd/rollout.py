@@ -325,8 +325,9 @@ def completion_hidden(body: Callable, batch: dict[str, torch.Tensor]) -> torch.T
     return out.last_hidden_state[:, -t - 1 : -1]
 
 
-def repeated_prefix_logits(
-    model: Callable,
+def repeated_prefix(
+    read: Callable,
+    forward: Callable,
     prompts: list[list[int]],
     completions: list[list[int]],
     pad_id: int,
@@ -334,26 +335,18 @@ def repeated_prefix_logits(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`shared_prefix_logits` without the sharing: each prompt repeated for its K completions.
 
-    One `build_batch` row per completion; returns the logits (B*K, T, V) predicting each
-    completion token and the completion mask (B*K, T).
+    Args:
+        read: `completion_logits` or `completion_hidden`: what is read from `forward`.
+        forward: the model (or its body).
+        prompts: B prompt id lists.
+        completions: B*K completion id lists, prompt-major.
+        pad_id: padding id.
+        device: where to run.
+
+    Returns:
+        What `read` gives, (B*K, T, V) logits or (B*K, T, H) hidden states, one `build_batch`
+        row per completion, and the completion mask (B*K, T).
     """
-    return _repeated_prefix(completion_logits, model, prompts, completions, pad_id, device)
-
-
-def repeated_prefix_hidden(
-    body: Callable,
-    prompts: list[list[int]],
-    completions: list[list[int]],
-    pad_id: int,
-    device=None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`repeated_prefix_logits` for a model's body: last hidden states (B*K, T, H) and the mask."""
-    return _repeated_prefix(completion_hidden, body, prompts, completions, pad_id, device)
-
-
-def _repeated_prefix(
-    read: Callable, forward: Callable, prompts, completions, pad_id, device
-) -> tuple[torch.Tensor, torch.Tensor]:
     k = len(completions) // len(prompts)
     batch = build_batch([p for p in prompts for _ in range(k)], completions, pad_id, device)
     return read(forward, batch), batch["completion_mask"]

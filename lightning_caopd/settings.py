@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lightning_caopd.divergence.topk import SUPPORTS
 from lightning_caopd.errors import ConfigError, out_of_range
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -84,6 +85,8 @@ class LossSettings:
             set it to ``method.rollout.temperature``. 1.0 compares the models' own
             distributions. The importance weight of vLLM rollouts always takes the student's
             log-probs at the sampling temperature, the distribution the sampler drew from.
+        topk_support: whose top-k tokens form the support with ``topk``: ``teacher`` (this
+            project's and SDFT's choice) or ``student`` (the SDPO verl code's).
     """
 
     divergence: str = "forward_kl"
@@ -94,6 +97,7 @@ class LossSettings:
     topk: int | None = None
     fused: bool = False
     temperature: float = 1.0
+    topk_support: str = "teacher"
 
     def __post_init__(self) -> None:
         if self.divergence not in DIVERGENCES:
@@ -111,6 +115,8 @@ class LossSettings:
             or not 0 < self.temperature < float("inf")
         ):
             _fail("method.loss.temperature", self.temperature, "a finite number > 0")
+        if self.topk_support not in SUPPORTS:
+            _fail("method.loss.topk_support", self.topk_support, f"one of {SUPPORTS}")
         if self.topk is not None and self.chunk_size is not None and not self.fused:
             raise ConfigError(
                 f"method.loss.chunk_size={self.chunk_size} with method.loss.topk={self.topk}: the "

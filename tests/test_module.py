@@ -138,6 +138,7 @@ def _assert_same(a: tuple[torch.Tensor, dict], b: tuple[torch.Tensor, dict], tol
         {"divergence": "forward_kl"},
         {"divergence": "jsd", "jsd_beta": 0.3, "topk": 7, "skip_first_tokens": 1},
         {"divergence": "reverse_kl", "share_prompt_prefix": False, "chunk_size": 5},
+        {"divergence": "forward_kl", "topk": 5, "topk_support": "student"},
     ],
 )
 def test_fused_training_step_equals_unfused(tied, loss):
@@ -177,6 +178,9 @@ def test_topk_equal_to_vocabulary_is_the_full_divergence(kind):
     _assert_same(_step(full), _step(topk), 1e-5)
     small = _module(divergence=kind, topk=3)
     assert _step(small)[0] < _step(full)[0]  # a coarser support: a smaller divergence
+    # the student's top-k (SDPO's verl code) is another support: another loss
+    student_support = _module(divergence=kind, topk=3, topk_support="student")
+    assert _step(student_support)[0] != _step(small)[0]
 
 
 def test_fused_divergence_with_per_rollout_teacher_prompts_and_masked_rows():
@@ -210,6 +214,8 @@ def test_loss_options_refused_at_start_up():
         LossSettings(topk=5, chunk_size=8)
     with pytest.raises(ValueError, match="fused='yes' is out of range: it must be true or false"):
         LossSettings(fused="yes")
+    with pytest.raises(ValueError, match=r"topk_support='both' is out of range: it must be one of"):
+        LossSettings(topk=3, topk_support="both")
     with pytest.raises(ValueError, match="plain torch.nn.Linear; it is Linear with a LoRA"):
         _module(lora=["q_proj", "lm_head"], fused=True)
 

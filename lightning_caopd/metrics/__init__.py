@@ -25,7 +25,7 @@ from lightning_caopd.metrics.functional import (
     overconfidence_gap,
     strict_pairwise_ranking,
 )
-from lightning_caopd.metrics.plot import plot_reliability_diagram, save_reliability_diagram
+from lightning_caopd.metrics.plot import plot_reliability_diagram
 
 __all__ = [
     "AURC",
@@ -44,6 +44,5 @@ __all__ = [
     "expected_calibration_error",
     "overconfidence_gap",
     "plot_reliability_diagram",
-    "save_reliability_diagram",
     "strict_pairwise_ranking",
 ]

@@ -1,7 +1,6 @@
 """All calibration metrics of an evaluation at once, overall and per category."""
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +20,6 @@ from lightning_caopd.metrics.classes import (
     StrictPairwiseRanking,
 )
 from lightning_caopd.metrics.functional import _fill_unstated
-from lightning_caopd.metrics.plot import save_reliability_diagram
 
 # Over every item: accuracy and the Brier score with unstated confidences scored worst.
 ALL_ITEMS = ("accuracy", "brier_all")
@@ -228,11 +226,3 @@ class CalibrationMetrics(nn.Module):
         """Forget all samples."""
         for group in (self.overall, *self.by_category):
             group.reset()
-
-    def save_reliability_diagram(self, path: str | Path, title: str | None = None) -> Path:
-        """Save the reliability diagram of the overall ECE as a PNG.
-
-        See :func:`~lightning_caopd.metrics.save_reliability_diagram`; under DDP every rank
-        must call it (the bins are gathered).
-        """
-        return save_reliability_diagram(self.overall.metric("ece"), path, title=title)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch import Tensor, nn
+from torch import Tensor
 
 Bins = Mapping[str, Sequence[float | None] | Tensor]
 
@@ -201,38 +201,3 @@ def reliability_image(
     plot_reliability_diagram(bins, ece, ax=fig.add_subplot(), title=title, strategy=strategy)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
-
-
-def _find_ece(metric_or_collection: nn.Module) -> Any:
-    for module in metric_or_collection.modules():
-        if callable(getattr(module, "reliability_table", None)):
-            return module
-    raise ValueError(f"No ExpectedCalibrationError found in {type(metric_or_collection).__name__}.")
-
-
-def save_reliability_diagram(
-    metric_or_collection: nn.Module, path: str | Path, title: str | None = None
-) -> Path:
-    """Save the reliability diagram of an ECE metric as a PNG.
-
-    Args:
-        metric_or_collection: An ``ExpectedCalibrationError``, or any module holding one (a
-            ``MetricCollection``, a ``CalibrationMetrics``): the first one met in
-            ``modules()`` order, the object itself first, is drawn.
-        path: Where to write the PNG; parent folders are created.
-        title: Title prefix.
-
-    Under DDP every rank must call this, since the bins are gathered across ranks; every rank
-    then writes the same picture, so pass rank-specific paths or let them overwrite.
-
-    Returns:
-        The path written.
-    """
-    metric = _find_ece(metric_or_collection)
-    return save_reliability_png(
-        metric.reliability_table(),
-        float(metric.compute()),
-        path,
-        title=title,
-        strategy=metric.strategy,
-    )

@@ -13,6 +13,7 @@ backward; rollouts that carry their sampler's log-probs (vLLM) are weighted by `
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -37,8 +38,9 @@ from lightning_caopd.divergence.importance import (
 from lightning_caopd.errors import ConfigError
 from lightning_caopd.rollout import (
     Rollouts,
-    repeated_prefix_hidden,
-    repeated_prefix_logits,
+    completion_hidden,
+    completion_logits,
+    repeated_prefix,
     right_pad,
     shared_prefix_hidden,
     shared_prefix_logits,
@@ -151,9 +153,18 @@ class LossPath(ABC):
 
     def __init__(self, settings: LossSettings, pad_id: int) -> None:
         self.settings, self.pad_id = settings, pad_id
-        shared = settings.share_prompt_prefix  # each prompt encoded once for its K completions
-        self.logits = shared_prefix_logits if shared else repeated_prefix_logits
-        self.hidden = shared_prefix_hidden if shared else repeated_prefix_hidden
+        # (model, B prompts, B*K completions, pad id, device) -> (B*K, T, V or H), (B*K, T) mask
+        if settings.share_prompt_prefix:  # each prompt encoded once for its K completions
+            self.logits, self.hidden = shared_prefix_logits, shared_prefix_hidden
+        else:
+            self.logits = functools.partial(repeated_prefix, completion_logits)
+            self.hidden = functools.partial(repeated_prefix, completion_hidden)
+        # the divergence's own options, on every path
+        self.kernel = {
+            "kind": settings.divergence,
+            "beta": settings.jsd_beta,
+            "temperature": settings.temperature,
+        }
 
     def check(self, student: torch.nn.Module, teacher: Teacher) -> None:
         """Refuse at start-up what the models cannot serve: ``topk`` above the vocabulary.
@@ -208,32 +219,27 @@ class LogitsPath(LossPath):
         self, student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, weights: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         """The loss and the per-token divergence of (B*K, T, V) logits."""
-        s = self.settings
         return divergence_loss(
             student_logits,
             teacher_logits,
             mask,
-            s.divergence,
-            s.jsd_beta,
-            temperature=s.temperature,
-            chunk_size=s.chunk_size,
+            **self.kernel,
+            chunk_size=self.settings.chunk_size,
             token_weights=weights,
         )
 
 
 class TopKPath(LogitsPath):
-    """The divergence on the teacher's top-k tokens and one tail bucket (``topk``)."""
+    """The divergence on the top-k tokens and one tail bucket (``topk``, ``topk_support``)."""
 
     def divergence(self, student_logits, teacher_logits, mask, weights):  # noqa: D102
-        s = self.settings
         return topk_tail_loss(
             student_logits,
             teacher_logits,
             mask,
-            k=s.topk,
-            kind=s.divergence,
-            beta=s.jsd_beta,
-            temperature=s.temperature,
+            **self.kernel,
+            k=self.settings.topk,
+            support=self.settings.topk_support,
             token_weights=weights,
         )
 
@@ -304,10 +310,9 @@ class FusedPath(LossPath):
             teacher_hidden,  # (B*K, T, H')
             OutputHead.from_causal_lm(teacher.model),
             mask,
-            kind=s.divergence,
-            beta=s.jsd_beta,
-            temperature=s.temperature,
+            **self.kernel,
             topk=s.topk,
+            topk_support=s.topk_support,
             chunk_size=chunk,
             token_weights=weights,
         )

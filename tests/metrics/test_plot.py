@@ -5,14 +5,8 @@ import pytest
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from torchmetrics import MetricCollection
 
-from lightning_caopd.metrics import (
-    BrierScore,
-    CalibrationMetrics,
-    ExpectedCalibrationError,
-    save_reliability_diagram,
-)
+from lightning_caopd.metrics import BrierScore, CalibrationMetrics, ExpectedCalibrationError
 from lightning_caopd.metrics.plot import (
     plot_reliability_diagram,
     reliability_image,
@@ -51,22 +45,20 @@ def _axes():
     return fig.add_subplot()
 
 
-def test_save_reliability_diagram_png(tmp_path):
+def test_metric_reliability_tables_save_as_png(tmp_path):
+    """A collection's overall ECE and a quantile-binned ECE, drawn by `save_reliability_png`."""
     raw, y, cat = _calibration_data(seed=2, n=400)
     metrics = CalibrationMetrics(["a", "b", "c"])
     metrics.update(torch.tensor(raw), torch.tensor(y), torch.tensor(cat))
-    out = metrics.save_reliability_diagram(tmp_path / "deep" / "overall.png", title="Student")
-    _check_png(out)
+    overall = metrics.overall.metric("ece")
+    path = tmp_path / "deep" / "overall.png"
+    _check_png(
+        save_reliability_png(overall.reliability_table(), float(overall.compute()), path, "Student")
+    )
     ece = ExpectedCalibrationError(n_bins=8, strategy="quantile")
     ece.update(torch.tensor(np.nan_to_num(raw)), torch.tensor(y))
-    _check_png(save_reliability_diagram(ece, tmp_path / "quantile.png"))
-    _check_png(
-        save_reliability_diagram(
-            MetricCollection({"brier": BrierScore(), "ece": ece}), tmp_path / "collection.png"
-        )
-    )
-    with pytest.raises(ValueError, match="No ExpectedCalibrationError"):
-        save_reliability_diagram(BrierScore(), tmp_path / "x.png")
+    table, value = ece.reliability_table(), float(ece.compute())
+    _check_png(save_reliability_png(table, value, tmp_path / "q.png", strategy="quantile"))
 
 
 def test_plot_apis():
