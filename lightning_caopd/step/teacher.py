@@ -55,7 +55,8 @@ class Teacher(ABC):
 class FrozenTeacher(torch.nn.Module, Teacher):
     """A teacher with weights of its own: a separately configured model or a copy of the student.
 
-    Put in eval mode with ``requires_grad`` off; its weights are the system's ``teacher.model.*``.
+    Put in eval mode with ``requires_grad`` off; its weights are the system's ``teacher.model.*``
+    (checkpoints written before this type, with ``teacher.*``, still load).
 
     Args:
         model: the causal LM.
@@ -68,6 +69,7 @@ class FrozenTeacher(torch.nn.Module, Teacher):
         self.model = model
         self.requires_grad_(False)
         self.eval()
+        self.register_load_state_dict_pre_hook(_weights_under_model)
 
     def forward(self, **inputs):
         """The causal LM's forward."""
@@ -82,6 +84,14 @@ class FrozenTeacher(torch.nn.Module, Teacher):
 
     def modules_in_eval(self) -> int:  # noqa: D102 - see Teacher.modules_in_eval
         return sum(1 for m in self.modules() if not m.training)
+
+
+def _weights_under_model(module: FrozenTeacher, state_dict: dict, prefix: str, *args) -> None:
+    """Load-time hook: an older checkpoint's ``<prefix><name>`` read as ``<prefix>model.<name>``."""
+    expected = {f"{prefix}model.{name}" for name in module.model.state_dict()}
+    for key in [k for k in state_dict if k.startswith(prefix) and k not in expected]:
+        if f"{prefix}model.{key[len(prefix) :]}" in expected:
+            state_dict[f"{prefix}model.{key[len(prefix) :]}"] = state_dict.pop(key)
 
 
 class AdapterDisabledTeacher(Teacher):
