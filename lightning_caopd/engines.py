@@ -69,10 +69,13 @@ class RolloutEngine(ABC):
         max_new_tokens: int,
         temperature: float,
         top_p: float,
+        seeds: list[int] | None = None,
     ) -> Rollouts:
         """K completions for each of the B token-id `prompts`, prompt-major (row b*K + k).
 
-        A `temperature` of 0 decodes greedily.
+        A `temperature` of 0 decodes greedily. `seeds` (one per prompt; None: drawn from
+        torch's generator) make a prompt's samples depend on its seed alone, not on the other
+        prompts of the call (``method.rollout.row_seeds``).
         """
 
 
@@ -103,6 +106,7 @@ class HFEngine(RolloutEngine):
         max_new_tokens: int,
         temperature: float,
         top_p: float,
+        seeds: list[int] | None = None,
     ) -> Rollouts:
         """See `RolloutEngine.sample`; one `lightning_caopd.rollout.sample` call."""
         if self.model is None or self.tokenizer is None:
@@ -123,4 +127,5 @@ class HFEngine(RolloutEngine):
                 do_sample=not greedy,
                 use_generate=self.use_generate,
                 stop_ids=self.stop_ids,
+                seeds=None if greedy else seeds,
             )

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import time
 import warnings
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict
 
@@ -369,7 +370,7 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
         batch, prompts, n_cut = self.student_prompts(batch)
         if not batch:  # every prompt too long: no loss, no update (Lightning skips the step)
             return None
-        roll = self.sample_rollouts(prompts)  # 1. rollouts
+        roll = self.sample_rollouts(prompts, self.rollout_seeds(batch, batch_idx))  # 1. rollouts
         correct, p_acc = self.verify(batch, roll.texts)  # 2. verify
         completions = self.targets.apply(  # 3. targets
             roll.completions,
@@ -425,13 +426,26 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
             n_cut = 0
         return batch, prompts, n_cut
 
-    def sample_rollouts(self, prompts: list[list[int]]) -> Rollouts:
+    def sample_rollouts(self, prompts: list[list[int]], seeds: list[int] | None = None) -> Rollouts:
         """K rollouts per prompt from the engine, its weights synced once per optimizer step."""
         if self._engine_step != self.global_step:  # the student moved: rollouts stay on-policy
             self.engine.sync_weights(self.student)
             self._engine_step = self.global_step
         r = self.rollout
-        return self.engine.sample(prompts, r.num_rollouts, r.max_new_tokens, r.temperature, r.top_p)
+        return self.engine.sample(
+            prompts, r.num_rollouts, r.max_new_tokens, r.temperature, r.top_p, seeds
+        )
+
+    def rollout_seeds(self, batch: list[dict], batch_idx: int) -> list[int] | None:
+        """Per-item rollout seeds (``method.rollout.row_seeds``), else None.
+
+        Keyed by the run's seed, the epoch, the batch and the item's id: the same on every
+        process layout, and again on resume.
+        """
+        if not self.rollout.row_seeds:
+            return None
+        key = f"{torch.initial_seed()}|{self.current_epoch}|{batch_idx}"
+        return [zlib.crc32(f"{key}|{item['id']}".encode()) >> 1 for item in batch]
 
     def verify(self, batch: list[dict], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B*K,) verdicts of the rollouts and (B,) P_acc, their mean score per prompt.

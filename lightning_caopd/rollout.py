@@ -13,6 +13,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from lightning_caopd.errors import ConfigError
+
 
 def encode_chats(
     tokenizer: PreTrainedTokenizerBase,
@@ -134,6 +136,20 @@ class Rollouts:
     logprobs: list[list[float]] | None = None
 
 
+def seeded_draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row of `probs` (N, V), row i drawn with ``generators[i]``.
+
+    ``multinomial``'s own one-sample method: the argmax of p / E, E ~ Exp(1) per entry.
+    """
+    noise = torch.stack([torch.empty(probs.shape[1]).exponential_(generator=g) for g in generators])
+    return (probs / noise.to(probs.device)).argmax(dim=-1)
+
+
+def row_generators(seeds: list[int], k: int) -> list[torch.Generator]:
+    """K CPU generators per prompt seed, prompt-major (row b*K + j), each its own stream."""
+    return [torch.Generator().manual_seed(seed * k + j) for seed in seeds for j in range(k)]
+
+
 @torch.no_grad()
 def decode(
     model: PreTrainedModel,
@@ -145,6 +161,7 @@ def decode(
     temperature: float = 1.0,
     top_p: float = 1.0,
     do_sample: bool = True,
+    generators: list[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Sample up to `max_new_tokens` after left-padded rows: a plain KV-cached loop.
 
@@ -162,6 +179,8 @@ def decode(
         temperature: sampling temperature.
         top_p: nucleus threshold.
         do_sample: sample (True) or take the argmax.
+        generators: one CPU generator per row (None: torch's global generator): row i's tokens
+            are then drawn from its own generator only, the same whatever the other rows are.
 
     Returns:
         (N, T) new token ids, T <= max_new_tokens.
@@ -181,7 +200,9 @@ def decode(
         scores = out.logits[:, -1, :].float()  # (N, V)
         for warp in warpers:
             scores = warp(ids, scores)
-        if do_sample:
+        if do_sample and generators is not None:
+            token = seeded_draw(torch.softmax(scores, dim=-1), generators)
+        elif do_sample:
             token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
         else:
             token = scores.argmax(dim=-1)
@@ -214,6 +235,7 @@ def sample(
     do_sample: bool = True,
     use_generate: bool = False,
     stop_ids: list[int] | None = None,
+    seeds: list[int] | None = None,
 ) -> Rollouts:
     """`num_samples` completions per prompt, all rows in one batched, KV-cached decode.
 
@@ -229,6 +251,8 @@ def sample(
         use_generate: decode with ``model.generate`` instead of `decode` (the same tokens;
             for models whose forward `decode` does not fit).
         stop_ids: the tokens that end a completion (None: `end_ids` of the model).
+        seeds: one seed per prompt (None: torch's global generator): its K rows draw from
+            generators of their own (`row_generators`), whatever else is in the batch.
 
     Returns:
         `Rollouts` with B*K rows, prompt-major.
@@ -239,6 +263,11 @@ def sample(
     ids, mask = ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0)
     was_training = model.training
     model.eval()
+    if use_generate and seeds is not None:
+        raise ConfigError(
+            "method.rollout.row_seeds=true with method.engine.use_generate=true: `generate` "
+            "draws every row from torch's one generator. Set one of them to false."
+        )
     if use_generate:
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
         new = model.generate(
@@ -261,6 +290,7 @@ def sample(
             temperature,
             top_p,
             do_sample,
+            None if seeds is None else row_generators(seeds, num_samples),
         )
     model.train(was_training)
     new = new.cpu()  # (B*K, T)

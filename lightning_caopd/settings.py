@@ -40,6 +40,11 @@ class RolloutSettings:
             teacher prompts are always cut. None: no limit (a long prompt can take gigabytes).
         prompt_overflow: ``truncate`` (left end) or ``skip`` (the item leaves the step);
             both are counted.
+        row_seeds: each prompt's rollouts draw from a generator of their own, seeded by the
+            run's seed, the training batch and the prompt's place in the batch of all
+            processes: the rollouts do not depend on how a batch is split over processes, so
+            N processes (``trainer=ddp|fsdp``) draw what one process with N times the batch
+            size draws. False: one draw for the whole batch from torch's generator.
     """
 
     num_rollouts: int = 8
@@ -48,6 +53,7 @@ class RolloutSettings:
     top_p: float = 1.0
     max_prompt_length: int | None = 2048
     prompt_overflow: str = "truncate"
+    row_seeds: bool = False
 
     def __post_init__(self) -> None:
         _int("method.rollout.num_rollouts", self.num_rollouts, 1)
@@ -57,6 +63,8 @@ class RolloutSettings:
             _fail("method.rollout.temperature", self.temperature, "a number > 0")
         if not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
             _fail("method.rollout.top_p", self.top_p, "a number in (0, 1]")
+        if not isinstance(self.row_seeds, bool):
+            _fail("method.rollout.row_seeds", self.row_seeds, "true or false")
         if self.prompt_overflow not in PROMPT_OVERFLOW:
             _fail("method.rollout.prompt_overflow", self.prompt_overflow, "'truncate' or 'skip'")
 

@@ -256,11 +256,13 @@ class VLLMEngine(RolloutEngine):
         max_new_tokens: int,
         temperature: float,
         top_p: float,
+        seeds: list[int] | None = None,
     ) -> Rollouts:
         """See `RolloutEngine.sample`: one ``llm.generate`` over all prompts, ``n=k`` each.
 
-        Each prompt's request gets its own seed, drawn from torch's generator, so the samples
-        follow the run's seed and a resumed run draws what the uninterrupted one drew.
+        Each prompt's request gets its own seed, `seeds` or drawn from torch's generator, so
+        the samples follow the run's seed and a resumed run draws what the uninterrupted one
+        drew.
         """
         if self.llm is None or self.tokenizer is None:
             raise RuntimeError(
@@ -271,7 +273,10 @@ class VLLMEngine(RolloutEngine):
         from vllm.inputs import TokensPrompt
 
         greedy = temperature == 0
-        seeds = [None] * len(prompts) if greedy else torch.randint(0, 2**31 - 1, (len(prompts),))
+        if greedy:
+            seeds = [None] * len(prompts)
+        elif seeds is None:
+            seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
         stops = list(self.stop_ids or [])
         params = [
             vllm.SamplingParams(

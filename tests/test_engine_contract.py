@@ -73,6 +73,21 @@ def test_every_end_id_of_the_generation_config_ends_a_completion(engine, tempera
     assert got.texts == [""] * 6
 
 
+def test_seeded_prompts_draw_the_same_whatever_else_is_in_the_call(engine):
+    # method.rollout.row_seeds: N processes sampling their share of a batch draw what one
+    # process sampling the whole batch draws
+    model = engine_llama(seed=5)
+    attached(engine, model, TOK)
+    prompts, seeds = _prompts("next k", "prev q", "code 4821"), [7, 8, 9]
+    torch.manual_seed(0)
+    together = engine.sample(prompts, 4, 6, 1.0, 1.0, seeds).completions
+    torch.manual_seed(1)  # torch's own generator plays no part
+    first = engine.sample(prompts[:1], 4, 6, 1.0, 1.0, seeds[:1]).completions
+    rest = engine.sample(prompts[1:], 4, 6, 1.0, 1.0, seeds[1:]).completions
+    assert together == first + rest
+    assert len({tuple(c) for c in together}) > 3  # sampled: the rows differ
+
+
 def test_only_an_engine_with_its_own_weights_reports_log_probs(engine):
     model = engine_llama(seed=4)
     attached(engine, model, TOK)

@@ -1,8 +1,8 @@
 """`trainer=fsdp`: FSDP2 (ModelParallelStrategy, fully_shard) on two CPU processes (gloo).
 
-The same run under ``trainer=ddp`` is the reference: both ranks' losses, ``metrics.json`` and the
-exported student must agree; a run killed after step 2 of 4 resumes from its sharded checkpoint
-to the same end.
+The same run under ``trainer=ddp`` and in one process with twice the batch are the references:
+the losses, ``metrics.json`` and the exported student must agree; a run killed after step 2 of 4
+resumes from its sharded checkpoint to the same end.
 """
 
 from __future__ import annotations
@@ -39,7 +39,10 @@ RUN = [
     "+callbacks.losses._target_=tests.test_fsdp.RecordLosses",
     "threads=1",
     "trainer.log_every_n_steps=1",
+    # each prompt's rollouts seeded by its own key: 2 ranks draw what one process draws
+    "method.rollout.row_seeds=true",
 ]
+BATCH = 2  # prompts per rank (TINY's data.batch_size)
 
 
 class RecordLosses(L.Callback):
@@ -61,10 +64,10 @@ def _finish(proc: subprocess.Popen) -> None:
     assert proc.returncode == 0, output[-4000:]
 
 
-def _losses(run_dir: Path) -> dict[int, dict[int, float]]:
+def _losses(run_dir: Path, ranks=(0, 1)) -> dict[int, dict[int, float]]:
     """rank -> step -> loss (a later line for a step overrides an earlier one)."""
     out = {}
-    for rank in (0, 1):
+    for rank in ranks:
         lines = (run_dir / f"losses_rank{rank}.jsonl").read_text().splitlines()
         out[rank] = {step: loss for step, loss in map(json.loads, lines)}
     return out
@@ -92,6 +95,25 @@ def fsdp_run(toy_base, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ddp_run(toy_base, tmp_path_factory) -> Path:
     return _run("ddp", tmp_path_factory.mktemp("ddp") / "run", toy_base)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(toy_base, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    return _run("default", run_dir, toy_base, [f"data.batch_size={2 * BATCH}"])
+
+
+@pytest.mark.slow
+def test_fsdp_matches_one_process_with_the_batch_of_both_ranks(fsdp_run, one_process_run):
+    # the two ranks' halves of each batch are one process's batch, their rollouts the ones it
+    # draws, and their mean loss (equal halves) its loss; the evaluation is the same items
+    fsdp, one = _losses(fsdp_run), _losses(one_process_run, ranks=(0,))[0]
+    assert sorted(one) == list(range(1, STEPS + 1))
+    for step, loss in one.items():
+        assert (fsdp[0][step] + fsdp[1][step]) / 2 == pytest.approx(loss, abs=1e-5, rel=0)
+    assert_json_close(_metrics(fsdp_run), _metrics(one_process_run), 1e-5)
+    for name, tensor in _weights(one_process_run).items():
+        torch.testing.assert_close(_weights(fsdp_run)[name], tensor, atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow

@@ -9,7 +9,9 @@ from lightning_caopd.rollout import (
     completion_logits,
     completion_mask,
     encode_chats,
+    row_generators,
     sample,
+    seeded_draw,
 )
 
 
@@ -70,6 +72,32 @@ def test_decode_loop_draws_the_tokens_generate_draws(options):
     (a, ta, ga), (b, tb, gb) = runs
     assert a == b and ta == tb and torch.equal(ga, gb)
     assert len({tuple(c) for c in a}) > 1  # not a degenerate case: the rows differ
+
+
+def test_seeded_rows_are_drawn_the_same_whatever_else_is_in_the_batch():
+    # method.rollout.row_seeds: what N processes draw for their prompts is what one process
+    # draws for all of them (trainer=ddp|fsdp against one process)
+    tok = build_char_tokenizer()
+    model = build_tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=2, seed=2)
+    prompts, seeds = [[3, 20, 21, 22], [3, 22], [3, 30, 31]], [11, 12, 13]
+    options = {"num_samples": 4, "max_new_tokens": 12, "temperature": 0.9, "top_p": 0.95}
+    torch.manual_seed(0)
+    together = sample(model, tok, prompts, seeds=seeds, **options).completions
+    torch.manual_seed(1)  # torch's own generator plays no part
+    first = sample(model, tok, prompts[:1], seeds=seeds[:1], **options).completions
+    rest = sample(model, tok, prompts[1:], seeds=seeds[1:], **options).completions
+    assert together == first + rest
+    assert len({tuple(c) for c in together}) > 4  # the K rows of a prompt differ
+    other = sample(model, tok, prompts[:1], seeds=[99], **options).completions
+    assert other != first  # the seed decides
+
+
+def test_seeded_draw_follows_the_distribution():
+    # the argmax of p / Exp(1) noise is a draw from p (multinomial's own one-sample method)
+    probs = torch.tensor([[0.7, 0.2, 0.1]]).expand(4000, 3)
+    gens = row_generators(list(range(1000)), 4)
+    counts = torch.bincount(seeded_draw(probs, gens), minlength=3) / 4000
+    torch.testing.assert_close(counts, torch.tensor([0.7, 0.2, 0.1]), atol=0.03, rtol=0)
 
 
 def test_shared_prefix_equals_unshared_loss_and_gradients():

@@ -6,7 +6,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampler
 
 from lightning_caopd.checkpointing import ResumableDataLoader
 from lightning_caopd.errors import out_of_range
@@ -32,6 +32,26 @@ def check_int(key: str, value: object, low: int, allow_none: bool = False) -> No
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise out_of_range(key, value, f"an integer >= {low}" + (" or null" if allow_none else ""))
+
+
+class RankSlices(Sampler[int]):
+    """Rank `rank`'s slice of each batch of `world` x `batch_size` indices drawn by `order`.
+
+    One process drawing `order` in batches of ``world * batch_size`` trains on what the
+    `world` ranks train on together. A last batch of fewer than ``world * batch_size`` indices
+    is left out, so that every rank runs the same number of steps.
+    """
+
+    def __init__(self, order: Sampler[int], batch_size: int, world: int, rank: int) -> None:
+        self.order, self.batch_size, self.world, self.rank = order, batch_size, world, rank
+
+    def __iter__(self):
+        indices, span = list(self.order), self.batch_size * self.world
+        for start in range(0, len(indices) - span + 1, span):
+            yield from indices[start + self.rank * self.batch_size :][: self.batch_size]
+
+    def __len__(self) -> int:
+        return len(self.order) // (self.batch_size * self.world) * self.batch_size
 
 
 class ItemDataModule(L.LightningDataModule):
@@ -75,16 +95,30 @@ class ItemDataModule(L.LightningDataModule):
                 )
 
     def train_dataloader(self) -> DataLoader:
-        """The training items in a seeded order that replays on resume."""
+        """The training items in a seeded order that replays on resume.
+
+        On N processes rank r takes the r-th slice of each batch of N x ``batch_size`` items of
+        that same order: the N ranks together train on the batches one process with N times
+        the batch size trains on (the trainer configs set ``use_distributed_sampler: false``,
+        so Lightning's own sampler does not replace this one).
+        """
         self._check()
         # a generator of its own, seeded by the run's seed: the order replays on resume
         # (`ResumableDataLoader`), and drawing it leaves torch's global generator alone
+        generator = torch.Generator().manual_seed(torch.initial_seed())
+        order = (RandomSampler if self.shuffle else SequentialSampler)(self.train_items)
+        if self.shuffle:
+            order.generator = generator
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        if world > 1:
+            order = RankSlices(order, self.batch_size, world, trainer.global_rank)
         return ResumableDataLoader(
             dataset=self.train_items,
             batch_size=self.batch_size,
-            shuffle=self.shuffle,
+            sampler=order,
             collate_fn=_as_list,
-            generator=torch.Generator().manual_seed(torch.initial_seed()),
+            generator=generator,
             trained_batches=self._trained_batches,
         )
 
