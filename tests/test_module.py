@@ -327,7 +327,7 @@ def test_sdpo_step_masks_rollouts_without_a_successful_sibling_and_counts_them(c
     assert teacher.prompts[3:] == [student_prompts[1]] * 3
     logged_stats = {}
     module.log_dict = lambda d, **kw: logged_stats.update(d)
-    module.sample_rollouts = lambda prompts: roll
+    module.sample_rollouts = lambda prompts, seeds=None: roll
     out = module.training_step(batch, 0)
     assert logged_stats["train/sdpo_masked_frac"].item() == pytest.approx(4 / 6)
     assert logged_stats["train/no_correct_solution_frac"].item() == 0
@@ -359,7 +359,7 @@ def test_caopd_sdpo_note_only_rows_stay_in_the_loss_with_the_note_as_their_conte
         assert "Correct solution:" not in text
     logged_stats = {}
     module.log_dict = lambda d, **kw: logged_stats.update(d)
-    module.sample_rollouts = lambda prompts: roll
+    module.sample_rollouts = lambda prompts, seeds=None: roll
     module.training_step(batch, 0)
     assert logged_stats["train/sdpo_masked_frac"].item() == 0
     with pytest.raises(ValueError, match="add_note=true"):
