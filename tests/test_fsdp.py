@@ -27,7 +27,8 @@ from tests.fixtures.runs import assert_json_close, train_process
 STEPS, KILL_AT = 4, 2
 SCORES = ("n", "accuracy", "ece", "brier", "brier_all", "format_rate", "by_category")
 RUN = [
-    "experiment=caopd",
+    "experiment=toy",
+    "method=caopd",
     *[o for o in TINY if not o.startswith(("callbacks=", "trainer.max_steps", "data.num_eval"))],
     f"trainer.max_steps={STEPS}",
     "data.num_eval=13",  # odd: the ranks score 7 and 6 items
