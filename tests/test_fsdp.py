@@ -131,7 +131,7 @@ def test_fsdp_export_loads_in_transformers_and_scores_as_in_run(
 
     model = AutoModelForCausalLM.from_pretrained(fsdp_run / "student")
     assert sum(p.numel() for p in model.parameters()) == _metrics(fsdp_run)["n_parameters"]
-    data = [o for o in RUN if o.startswith(("data.", "eval.", "experiment="))]
+    data = [o for o in RUN if o.startswith(("data.", "eval.", "experiment=", "method="))]
     cfg = make_cfg(
         [*data, "model=hf", f"model.pretrained_model_name_or_path={fsdp_run / 'student'}"],
         tmp_path,
