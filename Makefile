@@ -34,7 +34,7 @@ install-smollm2:
 # Builds the toy base on first use (cached in .cache/), then runs OPD and CaOPD and prints
 # the base / OPD / CaOPD table.
 demo: install
-	$(PYTHON) train.py -m experiment=opd,caopd hydra.sweep.dir=outputs/demo
+	$(PYTHON) train.py -m experiment=toy method=opd,caopd hydra.sweep.dir=outputs/demo
 	$(PYTHON) -m lightning_caopd.report outputs/demo
 
 lint:

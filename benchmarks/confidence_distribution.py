@@ -1,6 +1,6 @@
 """The stated confidence against the model's own confidence distribution, per family.
 
-For a LoRA run of the arithmetic task (``experiment=smollm2_caopd`` or ``smollm2_opd``), the
+For a LoRA run of the arithmetic task (``experiment=smollm2 method=caopd`` or ``method=opd``), the
 base (adapter off) and the trained student (adapter on) answer the held-out items greedily, as
 the evaluation does. Each completion is then cut after ``Confidence: 0.`` and one forward gives
 the model's probability of ``1`` as the confidence's first token and of each tenths digit after
@@ -12,7 +12,7 @@ A greedy confidence is the mode of that distribution, token by token; when the d
 wide, the mode can sit far from its mean.
 
 Usage:
-    python benchmarks/confidence_distribution.py outputs/smollm2/experiment=smollm2_caopd
+    python benchmarks/confidence_distribution.py outputs/smollm2/experiment=smollm2,method=caopd
 """
 
 from __future__ import annotations

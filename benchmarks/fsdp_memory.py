@@ -2,8 +2,8 @@
 
 The model is a Llama built from a config (no download): hidden 768, 12 layers, 12 heads, MLP
 3072, the character tokenizer (vocabulary 102), 113.3M parameters, saved once to ``--model-dir``
-and trained by ``python train.py experiment=caopd`` for a few steps under each strategy. A
-callback (`PeakMemory`) records on every rank, at the end of training:
+and trained by ``python train.py experiment=toy method=caopd`` for a few steps under each
+strategy. A callback (`PeakMemory`) records on every rank, at the end of training:
 
 * ``state_gib``: the bytes of the model states this rank holds: the student's and the frozen
   teacher's parameters, the gradients and AdamW's two moments (local shards under FSDP), read
@@ -103,7 +103,8 @@ def build_model(path: Path) -> int:
 def run(strategy: str, model_dir: Path, out_dir: Path, steps: int) -> list[dict]:
     """One ``train.py`` run under `strategy` (2 CPU processes); each rank's memory record."""
     overrides = [
-        "experiment=caopd",
+        "experiment=toy",
+        "method=caopd",
         f"trainer={strategy}",
         f"model.path={model_dir}",
         f"trainer.max_steps={steps}",

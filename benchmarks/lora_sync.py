@@ -10,13 +10,13 @@ Two ways to give a colocated vLLM engine a LoRA student's current policy each op
   new ``LoRARequest`` (a new id, so vLLM loads the new adapter), vLLM applying the adapter in
   every forward.
 
-Builds the module of an experiment as ``train.py`` does (``experiment=smollm2_opd``: LoRA rank
-16 on every linear layer of the body), changes the adapter a little before every step (as an
+Builds the module of an experiment as ``train.py`` does (``experiment=smollm2 method=opd``: LoRA
+rank 16 on every linear layer of the body), changes the adapter a little before every step (as an
 optimizer step would) and times, per step, each way's weight hand-over and its rollouts on the
 same prompts (the two interleaved, alternating which goes first). ``--out`` keeps everything.
 
 Usage:
-    python benchmarks/lora_sync.py experiment=smollm2_opd --steps 5
+    python benchmarks/lora_sync.py experiment=smollm2 method=opd --steps 5
 """
 
 from __future__ import annotations

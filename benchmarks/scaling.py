@@ -1,11 +1,12 @@
 """Step time of this project's OPD training step against K and against completion length.
 
-Each configuration builds a fresh `DistillationModule` from the Hydra config (``experiment=opd``
-on a randomly initialised tiny Llama: hidden 128, 4 layers, 4 heads, intermediate 256, the
-character tokenizer), runs ``--warmup + --repeats`` steps through a Lightning ``Trainer`` and
-reports the median wall time of the measured steps (rollouts, verification, teacher and
-student forwards, backward and the optimizer step). A random model rarely stops early, so the
-completions run close to ``max_new_tokens``; the mean completion length is reported too.
+Each configuration builds a fresh `DistillationModule` from the Hydra config (``experiment=toy
+method=opd`` on a randomly initialised tiny Llama: hidden 128, 4 layers, 4 heads, intermediate
+256, the character tokenizer), runs ``--warmup + --repeats`` steps through a Lightning
+``Trainer`` and reports the median wall time of the measured steps (rollouts, verification,
+teacher and student forwards, backward and the optimizer step). A random model rarely stops
+early, so the completions run close to ``max_new_tokens``; the mean completion length is
+reported too.
 
 Usage:
     python benchmarks/scaling.py                          # K in 1,2,4,8,16; T in 8,16,32,64
@@ -68,7 +69,8 @@ def step_times(k: int, max_new_tokens: int, prompts: int, warmup: int, repeats: 
         cfg = compose(
             "train",
             overrides=[
-                "experiment=opd",
+                "experiment=toy",
+                "method=opd",
                 *MODEL,
                 f"method.rollout.num_rollouts={k}",
                 f"method.rollout.max_new_tokens={max_new_tokens}",

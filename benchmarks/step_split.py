@@ -22,10 +22,10 @@ engine's medians and the median of the per-step ratios to the first engine. The 
 ``--warmup`` steps are not counted; ``--out`` keeps everything (JSON).
 
 Usage:
-    python benchmarks/step_split.py experiment=smollm2_caopd
-    python benchmarks/step_split.py experiment=smollm2_opd --engines hf vllm \
+    python benchmarks/step_split.py experiment=smollm2 method=caopd
+    python benchmarks/step_split.py experiment=smollm2 method=opd --engines hf vllm \
         vllm:method.engine.dtype=bfloat16 --steps 5     # the README's engine table
-    python benchmarks/step_split.py experiment=caopd --steps 5
+    python benchmarks/step_split.py experiment=toy method=caopd --steps 5
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ that `lightning_caopd.runner.run` works without Hydra's app around it::
     from lightning_caopd import compose
     from lightning_caopd.runner import run
 
-    cfg = compose(["experiment=caopd", "trainer.max_steps=10"], "outputs/mine")
+    cfg = compose(["experiment=toy", "method=caopd", "trainer.max_steps=10"], "outputs/mine")
     run(cfg)
 
 A user's own configs (``my_conf/experiment/mine.yaml``, ``my_conf/data/mine.yaml``) come from
@@ -56,7 +56,8 @@ def compose(
     directory) and `lightning_caopd.runner.run` (or ``evaluate.evaluate``) can take it as it is.
 
     Args:
-        overrides: Hydra overrides, as on the command line (``experiment=caopd``, ``seed=1``).
+        overrides: Hydra overrides, as on the command line (``experiment=toy``,
+            ``method=caopd``, ``seed=1``).
         output_dir: the run directory (``paths.output_dir``: metrics.json, checkpoints, ...).
         config_dir: a folder of the user's own configs (``experiment/``, ``data/``, ...),
             searched after the package's, as ``--config-dir`` is (a file of the same name as

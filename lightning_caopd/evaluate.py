@@ -4,7 +4,7 @@ Usage (a Hydra app over ``conf/evaluate.yaml``, which takes every group of ``tra
 
     python -m lightning_caopd.evaluate model=smollm2_135m data=science \
         data.path=../shared/data/science_dev.jsonl data.num_eval=50
-    python -m lightning_caopd.evaluate experiment=caopd_science data.path=... \
+    python -m lightning_caopd.evaluate experiment=science method=caopd data.path=... \
         checkpoint=outputs/.../checkpoints/last.ckpt
 
 The model is the one ``model`` builds (a Hub name or local folder with ``model=hf``);

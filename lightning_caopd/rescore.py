@@ -187,7 +187,7 @@ def output_path(source: Path, overrides: list[str], n_inputs: int) -> Path:
 def main(argv: list[str] | None = None) -> list[Path]:
     """Re-score each file of `argv` (files, then ``key=value`` overrides); the files written."""
     args = sys.argv[1:] if argv is None else argv
-    # a path may hold "=" (a multirun's experiment=caopd/): an existing file is a file
+    # a path may hold "=" (a multirun's experiment=toy,method=caopd/): an existing file is a file
     is_file = [Path(a).exists() or "=" not in a for a in args]
     files = [Path(a) for a, f in zip(args, is_file, strict=True) if f]
     overrides = [a for a, f in zip(args, is_file, strict=True) if not f]

@@ -2,9 +2,9 @@
 
 Usage (three names for the same app; ``conf/`` is the package's ``lightning_caopd/conf``)::
 
-    python -m lightning_caopd.train experiment=caopd
-    caopd-train experiment=caopd            # the console script of a pip install
-    python train.py experiment=caopd        # in a clone of the repository
+    python -m lightning_caopd.train experiment=toy method=caopd
+    caopd-train experiment=toy method=caopd            # the console script of a pip install
+    python train.py experiment=toy method=caopd        # in a clone of the repository
 
 A user's own configs (``my_conf/experiment/mine.yaml``, ``my_conf/data/mine.yaml``) join the
 package's with ``--config-dir my_conf`` or ``hydra.searchpath=[file:///abs/my_conf]``::

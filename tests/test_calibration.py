@@ -168,7 +168,8 @@ def test_cut_out_of_range_is_a_clear_error():
 
 def test_caopd_with_one_rollout_is_a_clear_error(toy_base, tiny_overrides, make_cfg, tmp_path):
     overrides = [
-        "experiment=caopd",
+        "experiment=toy",
+        "method=caopd",
         f"model.path={toy_base}",
         *tiny_overrides,
         "method.rollout.num_rollouts=1",

@@ -99,7 +99,8 @@ class InjectNaN(L.Callback):
 
 def _nan_overrides(toy_base, tiny: list[str], steps: list[int], key: str) -> list[str]:
     return [
-        "experiment=opd",
+        "experiment=toy",
+        "method=opd",
         f"model.path={toy_base}",
         *tiny,
         "trainer.max_steps=3",
@@ -151,7 +152,8 @@ def test_best_checkpoint_by_a_validation_metric(toy_base, tiny_overrides, make_c
     # val/brier_all (conf/callbacks/default.yaml); ties keep the earlier one
     cfg = make_cfg(
         [
-            "experiment=opd",
+            "experiment=toy",
+            "method=opd",
             f"model.path={toy_base}",
             *tiny_overrides,
             "callbacks=default",
@@ -190,7 +192,8 @@ def test_teacher_success_logs_every_n_steps_and_leaves_the_student_rollouts_alon
     toy_base, tiny_overrides, make_cfg, tmp_path
 ):
     overrides = [
-        "experiment=caopd",
+        "experiment=toy",
+        "method=caopd",
         f"model.path={toy_base}",
         *tiny_overrides,
         "trainer.max_steps=3",
@@ -226,7 +229,8 @@ def test_step_scalars_are_computed_and_logged_every_log_every_n_steps(
     entropies = callbacks.rollout_entropies
     monkeypatch.setattr(callbacks, "rollout_entropies", lambda *a: calls.append(1) or entropies(*a))
     overrides = [
-        "experiment=caopd",
+        "experiment=toy",
+        "method=caopd",
         f"model.path={toy_base}",
         *tiny_overrides,
         "trainer.max_steps=6",

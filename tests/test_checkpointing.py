@@ -33,7 +33,8 @@ KILL_AT = 3  # the run is killed while it waits before its 4th step, after savin
 # TINY with checkpoints every step, a moving (EMA) teacher and an LR schedule, so that resuming
 # has every piece of state to get right: weights, teacher, optimizer, scheduler, data, RNGs
 RESUME = [
-    "experiment=opd",
+    "experiment=toy",
+    "method=opd",
     *[o for o in TINY if not o.startswith(("callbacks=", "trainer.max_steps"))],
     f"trainer.max_steps={STEPS}",
     "callbacks=default",
@@ -104,7 +105,7 @@ def test_loader_refuses_a_pickle_payload(evil_ckpt):
 
 def test_train_and_evaluate_refuse_a_pickle_payload(evil_ckpt, toy_base, tiny_overrides, make_cfg):
     path, marker = evil_ckpt
-    overrides = ["experiment=opd", f"model.path={toy_base}", *tiny_overrides]
+    overrides = ["experiment=toy", "method=opd", f"model.path={toy_base}", *tiny_overrides]
     with pytest.raises(ResumeError, match="would run code from the file"):
         run(make_cfg([*overrides, f"ckpt_path={path}"], path.parent / "train"))
     assert not marker.exists()

@@ -39,13 +39,25 @@ PLUGINS = {
 }
 
 
+# the groups nested in `method` that its files choose (`method/targets=caopd/science`); their
+# folders hold options of those groups, not methods
+METHOD_GROUPS = ["engine", "recipe", "template", "targets"]
+# the domain presets and the methods each is run with (the method chosen by `method=`)
+DOMAINS = {
+    "toy": ["opd", "caopd", "sdpo", "caopd_sdpo"],
+    "science": ["opd", "caopd"],
+    "tooluse": ["opd", "caopd", "sdpo", "caopd_sdpo"],
+    "smollm2": ["opd", "caopd"],
+}
+DISTILLATION = ["opd", "caopd", "sdpo", "caopd_sdpo"]
+
+
 def _options(group: str) -> list[str]:
     root = Path(CONF_DIR) / group
     # `_name.yaml` files are shared blocks that other options include, not options themselves
+    files = root.glob("*.yaml") if group == "method" else root.rglob("*.yaml")
     return sorted(
-        str(p.relative_to(root).with_suffix(""))
-        for p in root.rglob("*.yaml")
-        if not p.name.startswith("_")
+        str(p.relative_to(root).with_suffix("")) for p in files if not p.name.startswith("_")
     )
 
 
@@ -81,7 +93,10 @@ def _check_binds(cfg: DictConfig) -> int:
 
 
 @pytest.mark.parametrize(
-    "override", [f"{g}={o}" for g in GROUPS for o in _options(g)], ids=lambda s: s
+    "override",
+    [f"{g}={o}" for g in GROUPS for o in _options(g)]
+    + [f"method/{g}={o}" for g in METHOD_GROUPS for o in _options(f"method/{g}")],
+    ids=lambda s: s,
 )
 def test_config_composes_and_binds(override, make_cfg, tmp_path):
     cfg = make_cfg([override], tmp_path)
@@ -117,10 +132,10 @@ def test_sweep_configs_compose(choice, make_cfg, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "experiment", ["opd_science", "caopd_science", "opd_tooluse", "caopd_tooluse"]
+    "experiment, method", [(d, m) for d in ("science", "tooluse") for m in ("opd", "caopd")]
 )
-def test_experiments_carry_the_paper_hyper_parameters(experiment, make_cfg, tmp_path):
-    cfg = make_cfg([f"experiment={experiment}", "data.path=x"], tmp_path)
+def test_experiments_carry_the_paper_hyper_parameters(experiment, method, make_cfg, tmp_path):
+    cfg = make_cfg([f"experiment={experiment}", f"method={method}", "data.path=x"], tmp_path)
     m = cfg.method
     assert (m.rollout.num_rollouts, m.optimizer.lr, m.loss.divergence) == (8, 2e-5, "forward_kl")
     assert cfg.callbacks.teacher_ema.rate == 0.01
@@ -128,21 +143,16 @@ def test_experiments_carry_the_paper_hyper_parameters(experiment, make_cfg, tmp_
     assert (m.loss.skip_first_tokens, r.max_prompt_length, r.max_new_tokens) == (3, 1024, 1024)
     # 4 prompts x K=8 = 32 completions per optimizer step (the reference's 32 completions)
     assert cfg.data.batch_size * cfg.trainer.accumulate_grad_batches == 4
-    assert m.targets._target_.endswith("CaOPD") == experiment.startswith("caopd")
+    assert m.targets._target_.endswith("CaOPD") == (method == "caopd")
     assert cfg.data.task._target_.endswith(
-        "ScienceTask" if "science" in experiment else "ToolUseTask"
+        "ScienceTask" if experiment == "science" else "ToolUseTask"
     )
 
 
 @pytest.mark.parametrize(
     "experiment",
     [
-        "opd_science",
-        "caopd_science",
-        "opd_tooluse",
-        "caopd_tooluse",
-        "sdpo_tooluse",
-        "caopd_sdpo_tooluse",
+        *(f"{d} method={m}" for d in ("science", "tooluse") for m in DOMAINS[d]),
         *(f"paper/{name}" for name in _options("experiment/paper")),
     ],
 )
@@ -156,13 +166,14 @@ def test_domain_presets_follow_the_reference_code_and_the_embedded_default_does_
         overrides.append("model.init_from=run")
     if experiment == "paper/ood_science_eval":
         overrides.append("data.eval_path=eval.jsonl")
-    cfg = make_cfg([f"experiment={experiment}", *overrides], tmp_path)
+    cfg = make_cfg([*f"experiment={experiment}".split(), *overrides], tmp_path)
     assert cfg.method.loss.temperature == 0.7
     is_caopd = cfg.method.targets._target_.endswith("CaOPD")
     assert is_caopd == ("caopd" in experiment or experiment.startswith("paper/"))
     assert cfg.method.targets.get("cut") == ("first" if is_caopd else None)
-    for toy in ("opd", "caopd", "sdpo", "caopd_sdpo", "smollm2_caopd"):
-        cfg = make_cfg([f"experiment={toy}", "method.rollout.temperature=0.7"], tmp_path)
+    for toy in [f"toy method={m}" for m in DOMAINS["toy"]] + ["smollm2 method=caopd"]:
+        overrides = [*f"experiment={toy}".split(), "method.rollout.temperature=0.7"]
+        cfg = make_cfg(overrides, tmp_path)
         assert cfg.method.loss.temperature == 1.0
         assert cfg.method.targets.get("cut", "last") == "last"
 
@@ -197,7 +208,8 @@ def test_k_ablation_refuses_a_k_that_does_not_divide_32(make_cfg, tmp_path):
     ],
 )
 def test_paper_model_configs_compose_without_loading(name, hub, make_cfg, tmp_path):
-    cfg = make_cfg(["experiment=caopd_tooluse", f"model={name}", "data.path=x"], tmp_path)
+    overrides = ["experiment=tooluse", "method=caopd", f"model={name}", "data.path=x"]
+    cfg = make_cfg(overrides, tmp_path)
     assert (
         cfg.model.student.pretrained_model_name_or_path
         == hub
@@ -217,11 +229,11 @@ def test_toy_base_model_with_another_domain_resolves(make_cfg, tmp_path):
 
 
 def test_safe_prompt_length_and_multirun_dirs_named_by_overrides(make_cfg, tmp_path):
-    cfg = make_cfg(["experiment=caopd", "seed=1", "data.num_eval=5"], tmp_path)
+    cfg = make_cfg(["experiment=toy", "method=caopd", "seed=1", "data.num_eval=5"], tmp_path)
     assert cfg.method.rollout.max_prompt_length == 2048 and cfg.eval.max_prompt_length == 2048
-    assert cfg.hydra.sweep.subdir == "data.num_eval=5,experiment=caopd,seed=1"
-    named = make_cfg(["experiment=caopd", "data=science", "data.path=/x/rows.jsonl"], tmp_path)
-    assert named.hydra.sweep.subdir == "data=science,experiment=caopd"  # paths left out
+    assert cfg.hydra.sweep.subdir == "data.num_eval=5,experiment=toy,method=caopd,seed=1"
+    named = make_cfg(["method=caopd", "data=science", "data.path=/x/rows.jsonl"], tmp_path)
+    assert named.hydra.sweep.subdir == "data=science,method=caopd"  # paths left out
 
 
 README = Path(CONF_DIR).resolve().parents[1] / "README.md"
@@ -249,13 +261,11 @@ def _expected(value: str, got):
     return OmegaConf.create(f"v: {value}").v  # YAML: 2e-5, 1.0, 8, false
 
 
-@pytest.mark.parametrize(
-    "experiment, domain", [("caopd_science", "science"), ("caopd_tooluse", "tool use")]
-)
+@pytest.mark.parametrize("experiment, domain", [("science", "science"), ("tooluse", "tool use")])
 def test_paper_presets_resolve_to_every_setting_of_the_readme_table(
     experiment, domain, make_cfg, tmp_path
 ):
-    cfg = make_cfg([f"experiment={experiment}", "data.path=train.jsonl"], tmp_path)
+    cfg = make_cfg([f"experiment={experiment}", "method=caopd", "data.path=train.jsonl"], tmp_path)
     settings = _readme_settings()
     assert len(settings) >= 20
     for where, key, value in settings:
@@ -276,11 +286,11 @@ def test_paper_presets_resolve_to_every_setting_of_the_readme_table(
     assert separate.data.num_eval is None
 
 
-@pytest.mark.parametrize("experiment", ["caopd_science", "caopd_tooluse"])
+@pytest.mark.parametrize("experiment", ["science", "tooluse"])
 def test_caopd_teacher_prompt_is_the_references_text(experiment, make_cfg, tmp_path):
     from hydra.utils import instantiate
 
-    cfg = make_cfg([f"experiment={experiment}", "data.path=train.jsonl"], tmp_path)
+    cfg = make_cfg([f"experiment={experiment}", "method=caopd", "data.path=train.jsonl"], tmp_path)
     template, targets = instantiate(cfg.method.template), instantiate(cfg.method.targets)
     demo = "<reasoning>r</reasoning>\n<answer>B</answer>"
     context, _ = template.context({"demo": demo}, [], [])
@@ -303,7 +313,7 @@ def test_paper_schedule_builds_from_the_preset(make_cfg, tmp_path):
     import torch
     from hydra.utils import instantiate
 
-    cfg = make_cfg(["experiment=caopd_science", "data.path=train.jsonl"], tmp_path)
+    cfg = make_cfg(["experiment=science", "method=caopd", "data.path=train.jsonl"], tmp_path)
     factory = instantiate(cfg.method.scheduler)
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-5)
     sched = factory(optimizer=opt, total_steps=20)
@@ -311,7 +321,9 @@ def test_paper_schedule_builds_from_the_preset(make_cfg, tmp_path):
 
 
 def test_real_model_pair_differs_only_in_targets_and_shares_its_base(make_cfg, tmp_path):
-    opd, caopd = (make_cfg([f"experiment=smollm2_{m}"], tmp_path) for m in ("opd", "caopd"))
+    opd, caopd = (
+        make_cfg(["experiment=smollm2", f"method={m}"], tmp_path) for m in ("opd", "caopd")
+    )
     base = make_cfg(["experiment=smollm2_base"], tmp_path)
     assert opd.model.path == caopd.model.path == base.method.save_dir  # built once, on first use
     assert opd.model.base.experiment == "smollm2_base" and opd.model.lora is not None
@@ -325,21 +337,101 @@ def test_real_model_pair_differs_only_in_targets_and_shares_its_base(make_cfg, t
     assert OmegaConf.to_container(opd.trainer) == OmegaConf.to_container(caopd.trainer)
 
 
-@pytest.mark.parametrize(
-    "experiment, method", [("sdpo_tooluse", "sdpo"), ("caopd_sdpo_tooluse", "caopd_sdpo")]
-)
-def test_tooluse_sdpo_presets_run_sdpo_as_its_method_preset_defines_it(
+# what makes a method what it is comes from conf/method/ (its file, and the template, targets
+# and teacher EMA it picks for the domain's recipe), never from a domain preset
+METHOD_KEYS = {"_target_", "name", "template", "targets"}
+METHOD_LOSS_KEYS = ("divergence", "jsd_beta", "topk")
+
+
+def _domain_cfg(make_cfg, tmp_path, experiment, method, *extra):
+    data = ["data.path=x"] if experiment in ("science", "tooluse") else []
+    return make_cfg([f"experiment={experiment}", f"method={method}", *data, *extra], tmp_path)
+
+
+@pytest.mark.parametrize("experiment", sorted(DOMAINS))
+def test_domain_presets_set_no_method_specific_key(experiment):
+    preset = OmegaConf.load(Path(CONF_DIR) / "experiment" / f"{experiment}.yaml")
+    method = preset.get("method") or {}
+    assert not METHOD_KEYS & set(method)
+    assert not set(METHOD_LOSS_KEYS) & set(method.get("loss") or {})
+    assert OmegaConf.select(preset, "callbacks.teacher_ema") is None
+    overrides = [k for d in preset.get("defaults", []) if isinstance(d, DictConfig) for k in d]
+    # the domain names its recipe; it never picks the method, its template or its targets
+    assert not {"override /method", "override /method/template", "override /method/targets"} & set(
+        overrides
+    )
+
+
+@pytest.mark.parametrize("experiment, method", [(d, m) for d, ms in DOMAINS.items() for m in ms])
+def test_each_domain_runs_each_method_as_its_method_files_define_it(
     experiment, method, make_cfg, tmp_path
 ):
-    # opd_tooluse (via opd_science) sets SDFT's template and loss; the SDPO presets put SDPO's back
-    cfg = make_cfg([f"experiment={experiment}", "data.path=x"], tmp_path)
-    preset = make_cfg([f"method={method}"], tmp_path / "preset").method
+    from hydra.utils import instantiate
+
+    cfg = _domain_cfg(make_cfg, tmp_path, experiment, method)
+    assert _check_binds(cfg) >= 6
+    recipe = cfg.hydra.runtime.choices["method/recipe"]
+    assert recipe == (experiment if experiment in ("science", "tooluse") else "default")
+    # the method alone, with the domain's recipe and no preset
+    alone = make_cfg([f"method={method}", f"method/recipe={recipe}"], tmp_path / "alone")
+    assert cfg.method.template == alone.method.template
+    assert cfg.method.targets == alone.method.targets
+    for key in METHOD_LOSS_KEYS:
+        assert cfg.method.loss[key] == alone.method.loss[key]
+    assert cfg.callbacks.teacher_ema.rate == alone.callbacks.teacher_ema.rate
+    template, targets = instantiate(cfg.method.template), instantiate(cfg.method.targets)
+    assert (template.source == "sdpo_sibling") == ("sdpo" in method)
+    assert type(targets).__name__ == ("CaOPD" if "caopd" in method else "ConfidenceTargets")
+    # one name: metrics.json's run.method is method.name, and task_name is built from it
+    run = OmegaConf.to_container(cfg.callbacks.metrics.run, resolve=True)
+    assert run["method"] == cfg.method.name == method and method in run["experiment"]
+
+
+@pytest.mark.parametrize("method", ["sdpo", "caopd_sdpo"])
+def test_sdpo_on_tooluse_is_sdpo_and_on_the_toy_reads_the_toy_form(method, make_cfg, tmp_path):
+    cfg = _domain_cfg(make_cfg, tmp_path, "tooluse", method)
     m = cfg.method
-    assert m.template == preset.template and m.targets.keys() == preset.targets.keys()
     assert (m.loss.divergence, m.loss.jsd_beta, m.loss.topk) == ("jsd", 0.5, 100)
-    assert m.loss.divergence == preset.loss.divergence and m.loss.topk == preset.loss.topk
-    assert cfg.callbacks.teacher_ema.rate == 0.05
+    assert m.template.source == "sdpo_sibling" and m.template.user_format.startswith("{prompt}")
+    assert cfg.callbacks.teacher_ema.rate == 0.05  # SDPO's teacher: an EMA of the student
     assert cfg.data.task._target_.endswith("ToolUseTask") and m.optimizer.lr == 2e-5
-    assert m.targets._target_.endswith("CaOPD") == experiment.startswith("caopd")
-    if experiment.startswith("caopd"):
+    assert m.loss.skip_first_tokens == 3 and m.loss.chunk_size == 512  # the domain's
+    if method == "caopd_sdpo":
         assert m.targets.note_only_rows and m.targets.note.startswith("Note: The empirical")
+        assert m.targets.cut == "first" and m.targets.replace_context
+    toy = _domain_cfg(make_cfg, tmp_path / "toy", "toy", method).method
+    assert toy.template.source == "sdpo_sibling" and toy.template.note_only_format is None
+    assert toy.template.user_format.startswith("Reference solution:")
+    assert (toy.loss.divergence, toy.loss.topk) == ("jsd", 100)
+
+
+def test_caopd_sdpo_composes_caopds_targets_instead_of_copying_them(make_cfg, tmp_path):
+    raw = OmegaConf.load(Path(CONF_DIR) / "method" / "caopd_sdpo.yaml")
+    assert set(raw.targets) == {"note_only_rows"}  # the rest is conf/method/targets/caopd/
+    for recipe in ("default", "science", "tooluse"):
+        overrides = [f"method/recipe={recipe}"]
+        caopd = make_cfg(["method=caopd", *overrides], tmp_path).method.targets
+        both = make_cfg(["method=caopd_sdpo", *overrides], tmp_path).method.targets
+        assert OmegaConf.to_container(both) == {
+            **OmegaConf.to_container(caopd),
+            "note_only_rows": True,
+        }
+    science = make_cfg(["method=caopd", "method/recipe=science"], tmp_path).method.targets
+    assert science.replace_context is False and science.cut == "first"
+
+
+def test_the_cpu_determinism_settings_live_in_the_toy_preset_only(make_cfg, tmp_path):
+    files = Path(CONF_DIR).rglob("*.yaml")
+    setting = sorted(str(p.relative_to(CONF_DIR)) for p in files if "cpu_isa" in OmegaConf.load(p))
+    assert setting == ["experiment/toy.yaml", "train.yaml"]  # train.yaml: the default, null
+    for experiment in ("toy_base", "scaling_base", "scaling_toy"):
+        cfg = make_cfg([f"experiment={experiment}"], tmp_path)
+        assert (cfg.threads, cfg.cpu_isa) == (1, "avx2")
+
+
+def test_the_trainer_default_is_the_embedded_defaults_step_count(make_cfg, tmp_path):
+    # experiment=toy sets no step count: the trainer's default is what the README's table runs
+    toy = make_cfg(["experiment=toy"], tmp_path)
+    assert toy.trainer.max_steps == 500 and "trainer" not in OmegaConf.load(
+        Path(CONF_DIR) / "experiment" / "toy.yaml"
+    )

@@ -46,7 +46,8 @@ def test_ddp_two_cpu_processes_end_to_end(toy_base, tiny_overrides, make_cfg, tm
     run_dir, record_dir = tmp_path / "run", tmp_path / "record"
     record_dir.mkdir()
     overrides = [
-        "experiment=opd",
+        "experiment=toy",
+        "method=opd",
         "trainer=ddp",
         f"model.path={toy_base}",
         *tiny_overrides,
@@ -99,7 +100,8 @@ def test_ddp_two_cpu_processes_end_to_end(toy_base, tiny_overrides, make_cfg, tm
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2
     cfg = make_cfg(
-        ["experiment=opd", f"model.path={toy_base}", *tiny_overrides], tmp_path / "single"
+        ["experiment=toy", "method=opd", f"model.path={toy_base}", *tiny_overrides],
+        tmp_path / "single",
     )
     module, _ = build(cfg)
     name = "student.model.layers.0.self_attn.q_proj.weight"

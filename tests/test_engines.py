@@ -65,7 +65,8 @@ def test_engine_is_chosen_by_config_and_synced_once_per_optimizer_step(
 ):
     cfg = make_cfg(
         [
-            "experiment=opd",
+            "experiment=toy",
+            "method=opd",
             f"model.path={toy_base}",
             *tiny_overrides,
             "method.engine._target_=tests.test_engines.CountingEngine",
@@ -93,7 +94,9 @@ def test_engine_is_chosen_by_config_and_synced_once_per_optimizer_step(
 
 
 def test_default_engine_is_hf(toy_base, tiny_overrides, make_cfg, tmp_path):
-    cfg = make_cfg(["experiment=caopd", f"model.path={toy_base}", *tiny_overrides], tmp_path)
+    cfg = make_cfg(
+        ["experiment=toy", "method=caopd", f"model.path={toy_base}", *tiny_overrides], tmp_path
+    )
     assert cfg.method.engine._target_ == "lightning_caopd.engines.HFEngine"
     module, _ = build(cfg)
     assert type(module.engine) is HFEngine

@@ -71,20 +71,22 @@ def test_training_run_overrides_keep_what_it_trained(tmp_path):
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "overrides.yaml").write_text(
-        "- experiment=opd_science\n- model=hf\n- data.path=rows.jsonl\n- trainer.max_steps=2\n"
-        "- ckpt_path=last\n- callbacks=minimal\n- +method.x=1\n"
+        "- experiment=science\n- method=opd\n- model=hf\n- data.path=rows.jsonl\n"
+        "- trainer.max_steps=2\n- ckpt_path=last\n- callbacks=minimal\n- +method.x=1\n"
     )
     overrides, folder = training_run_overrides(run / "checkpoints" / "last.ckpt")
     assert folder == run.resolve()
     assert overrides == [
-        "experiment=opd_science",
+        "experiment=science",
+        "method=opd",
         "model=hf",
         "data.path=rows.jsonl",
         "+method.x=1",
     ]
     assert training_run_overrides(tmp_path / "loose.ckpt") == ([], None)
     assert merge_overrides(overrides, ["data.path=other.jsonl", "split=all"]) == [
-        "experiment=opd_science",
+        "experiment=science",
+        "method=opd",
         "model=hf",
         "+method.x=1",
         "data.path=other.jsonl",
@@ -101,7 +103,8 @@ def test_checkpoint_alone_scores_with_the_runs_own_config(tiny_dir, tmp_path):
         "\n".join(
             f"- {o}"
             for o in (
-                "experiment=opd_science",
+                "experiment=science",
+                "method=opd",
                 # the tiny model's head size (16) is not one vLLM's CPU attention has
                 "method/engine=hf",
                 "eval.engine=hf",

@@ -27,7 +27,8 @@ from tests.fixtures.runs import assert_json_close, train_process
 STEPS, KILL_AT = 4, 2
 SCORES = ("n", "accuracy", "ece", "brier", "brier_all", "format_rate", "by_category")
 RUN = [
-    "experiment=caopd",
+    "experiment=toy",
+    "method=caopd",
     *[o for o in TINY if not o.startswith(("callbacks=", "trainer.max_steps", "data.num_eval"))],
     f"trainer.max_steps={STEPS}",
     "data.num_eval=13",  # odd: the ranks score 7 and 6 items
@@ -152,7 +153,7 @@ def test_fsdp_export_loads_in_transformers_and_scores_as_in_run(
 
     model = AutoModelForCausalLM.from_pretrained(fsdp_run / "student")
     assert sum(p.numel() for p in model.parameters()) == _metrics(fsdp_run)["n_parameters"]
-    data = [o for o in RUN if o.startswith(("data.", "eval.", "experiment="))]
+    data = [o for o in RUN if o.startswith(("data.", "eval.", "experiment=", "method="))]
     cfg = make_cfg(
         [*data, "model=hf", f"model.pretrained_model_name_or_path={fsdp_run / 'student'}"],
         tmp_path,

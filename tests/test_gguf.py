@@ -69,7 +69,9 @@ def test_converted_model_is_an_ordinary_model_that_saves_again(tiny_gguf, tmp_pa
 
 def test_smollm2_config_builds_from_any_gguf(tiny_gguf, make_cfg, tmp_path):
     """model=smollm2_135m with model.gguf pointing at a tiny file: the config's code path."""
-    cfg = make_cfg(["experiment=caopd_science", f"model.gguf={tiny_gguf}", "data.path=x"], tmp_path)
+    cfg = make_cfg(
+        ["experiment=science", "method=caopd", f"model.gguf={tiny_gguf}", "data.path=x"], tmp_path
+    )
     assert cfg.model.path == str(tmp_path / "cache" / "smollm2_135m")
     tok, student = instantiate(cfg.model.tokenizer), instantiate(cfg.model.student)
     assert student.config._attn_implementation == "sdpa" and student.dtype == torch.float32

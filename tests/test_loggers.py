@@ -64,7 +64,8 @@ def test_wandb_offline_run_holds_config_history_image_and_table(
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = make_cfg(
         [
-            "experiment=caopd",
+            "experiment=toy",
+            "method=caopd",
             f"model.path={toy_base}",
             *[o for o in tiny_overrides if not o.startswith("callbacks=")],
             "callbacks=default",

@@ -32,7 +32,8 @@ def test_lora_two_steps_trains_the_adapter_against_the_base_teacher(
 ):
     cfg = make_cfg(
         [
-            "experiment=opd",
+            "experiment=toy",
+            "method=opd",
             f"model.path={toy_base}",
             *tiny_overrides,
             LORA,

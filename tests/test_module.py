@@ -24,7 +24,8 @@ from tests.fixtures.runs import ROOT, logged, subprocess_env
 
 def test_training_step_skips_overflowing_prompts(toy_base, tiny_overrides, make_cfg, tmp_path):
     overrides = [
-        "experiment=opd",
+        "experiment=toy",
+        "method=opd",
         f"model.path={toy_base}",
         *tiny_overrides,
         "method.rollout.prompt_overflow=skip",
@@ -45,7 +46,8 @@ def test_training_on_length_limited_generations_without_confidence_lines(
     # one new token: every rollout hits the limit and none has an answer or confidence line
     cfg = make_cfg(
         [
-            "experiment=caopd",
+            "experiment=toy",
+            "method=caopd",
             f"model.path={toy_base}",
             *tiny_overrides,
             "method.rollout.max_new_tokens=1",
@@ -377,7 +379,8 @@ def test_smollm2_two_steps_fused_give_the_losses_of_unfused(smollm2_cache, tmp_p
     for fused in ("false", "true"):
         out = tmp_path / f"fused_{fused}"
         overrides = [
-            "experiment=opd",
+            "experiment=toy",
+            "method=opd",
             "model=smollm2_135m",
             f"model.path={model_dir}",
             "trainer.max_steps=2",
@@ -405,13 +408,14 @@ def test_smollm2_two_steps_fused_give_the_losses_of_unfused(smollm2_cache, tmp_p
 
 @pytest.mark.slow
 def test_smollm2_caopd_builds_its_arithmetic_base_on_first_use(smollm2_cache, tmp_path):
-    """experiment=smollm2_caopd, shrunk: the base warm-up runs once, then CaOPD with LoRA."""
+    """experiment=smollm2 method=caopd, shrunk: the base warm-up runs once, then CaOPD with LoRA."""
     import shutil
 
     cache = tmp_path / "cache"
     shutil.copytree(smollm2_cache / "smollm2_135m", cache / "smollm2_135m")
     overrides = [
-        "experiment=smollm2_caopd",
+        "experiment=smollm2",
+        "method=caopd",
         f"paths.cache_dir={cache}",
         # the base's warm-up, shrunk (its paths.cache_dir is the run's, as configured)
         "+model.base.overrides.trainer.max_steps=2",
@@ -488,7 +492,8 @@ def test_teacher_conditioned_block_leaves_training_and_student_scores_alone(
     for switch in ("true", "false"):
         out = tmp_path / switch
         overrides = [
-            "experiment=caopd",
+            "experiment=toy",
+            "method=caopd",
             f"model.path={toy_base}",
             *tiny_overrides,
             f"eval.teacher_conditioned={switch}",

@@ -1,7 +1,8 @@
 """A task of one's own: data, verifier and configs in a folder outside the package.
 
 `tests/fixtures/own_task/` holds what a user writes: ``capitals.jsonl``, ``capitals.py`` (the
-verifier) and ``conf/`` (``data/capitals.yaml``, ``experiment/capitals_*.yaml``).
+verifier) and ``conf/`` (``data/capitals.yaml``, ``experiment/capitals.yaml``, run with
+``method=opd`` or ``method=caopd``).
 """
 
 import json
@@ -40,11 +41,12 @@ def own(monkeypatch):
     return OWN
 
 
-def _cfg(make_cfg, tmp_path, tiny_dir, *overrides, experiment="capitals_caopd"):
+def _cfg(make_cfg, tmp_path, tiny_dir, *overrides, method="caopd"):
     return make_cfg(
         [
             f"hydra.searchpath=[file://{OWN / 'conf'}]",
-            f"experiment={experiment}",
+            "experiment=capitals",
+            f"method={method}",
             "model=hf",
             f"model.pretrained_model_name_or_path={tiny_dir}",
             f"data.path={ROWS}",
@@ -55,12 +57,12 @@ def _cfg(make_cfg, tmp_path, tiny_dir, *overrides, experiment="capitals_caopd"):
     )
 
 
-@pytest.mark.parametrize("experiment", ["capitals_opd", "capitals_caopd"])
-def test_own_task_trains_and_scores(experiment, own, make_cfg, tiny_dir, tmp_path):
-    cfg = _cfg(make_cfg, tmp_path, tiny_dir, experiment=experiment)
+@pytest.mark.parametrize("method", ["opd", "caopd"])
+def test_own_task_trains_and_scores(method, own, make_cfg, tiny_dir, tmp_path):
+    cfg = _cfg(make_cfg, tmp_path, tiny_dir, method=method)
     result = runner.run(cfg)
     assert result["run"]["steps"] == 2 and result["n"] == 12
-    assert result["run"]["method"] == experiment.split("_")[1]
+    assert result["run"]["method"] == method
     records = [json.loads(x) for x in (tmp_path / "completions.jsonl").read_text().splitlines()]
     assert {r["category"] for r in records} <= {"Europe", "Asia", "Africa"}
     assert all(r["gold"] for r in records)
@@ -207,13 +209,13 @@ def test_a_row_to_item_that_raises_is_named_with_its_row(own, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "experiment, where",
+    "method, where",
     [
-        ("capitals_opd", ["--config-dir", "conf"]),
-        ("capitals_caopd", [f"hydra.searchpath=[file://{OWN / 'conf'}]"]),
+        ("opd", ["--config-dir", "conf"]),
+        ("caopd", [f"hydra.searchpath=[file://{OWN / 'conf'}]"]),
     ],
 )
-def test_own_task_through_the_entry_points(experiment, where, tiny_dir, tmp_path):
+def test_own_task_through_the_entry_points(method, where, tiny_dir, tmp_path):
     """`python -m lightning_caopd.train` from the user's folder (its configs by --config-dir or
     hydra.searchpath), then `python -m lightning_caopd.evaluate checkpoint=...` finds them again."""
     run_dir = tmp_path / "run"
@@ -223,7 +225,8 @@ def test_own_task_through_the_entry_points(experiment, where, tiny_dir, tmp_path
         "-m",
         "lightning_caopd.train",
         *where,
-        f"experiment={experiment}",
+        "experiment=capitals",
+        f"method={method}",
         "model=hf",
         f"model.pretrained_model_name_or_path={tiny_dir}",
         f"data.path={ROWS}",
@@ -234,7 +237,7 @@ def test_own_task_through_the_entry_points(experiment, where, tiny_dir, tmp_path
     done = subprocess.run(train, cwd=OWN, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     trained = json.loads((run_dir / "metrics.json").read_text())
-    assert trained["run"]["experiment"] == experiment and trained["run"]["steps"] == 2
+    assert trained["run"]["experiment"] == f"capitals_{method}" and trained["run"]["steps"] == 2
 
     evaluate = [
         sys.executable,

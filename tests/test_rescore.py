@@ -33,7 +33,7 @@ def _same(written: dict, rescored: dict) -> None:
 def test_rescore_reproduces_a_reference_protocol_run_and_gives_the_default(
     toy_base, tiny_overrides, make_cfg, tmp_path
 ):
-    overrides = ["experiment=caopd", f"model.path={toy_base}", *tiny_overrides]
+    overrides = ["experiment=toy", "method=caopd", f"model.path={toy_base}", *tiny_overrides]
     written = _train(make_cfg, [*overrides, "eval.protocol=reference"], tmp_path)
     records = (tmp_path / "completions.jsonl").read_text().splitlines()
     assert len(records) == written["n"] == written["reference"]["n_samples"]
@@ -55,7 +55,8 @@ def test_rescore_reproduces_a_science_preset_run(tiny_dir, make_cfg, tmp_path):
     written = _train(
         make_cfg,
         [
-            "experiment=caopd_science",
+            "experiment=science",
+            "method=caopd",
             "model=hf",
             f"model.pretrained_model_name_or_path={tiny_dir}",
             f"data.path={SCIENCE}",
@@ -165,6 +166,8 @@ def test_bad_inputs_are_one_sentence_errors(tmp_path):
 
 
 def test_a_path_with_an_equals_sign_is_a_file(tmp_path):
-    path = _records(tmp_path / "experiment=caopd", ["<answer>B</answer>\nConfidence: 0.5"])
+    path = _records(
+        tmp_path / "experiment=toy,method=caopd", ["<answer>B</answer>\nConfidence: 0.5"]
+    )
     out = rescore.main([str(path), "eval.protocol=reference"])[0]
     assert json.loads(out.read_text())["reference"]["accuracy"] == 1.0

@@ -36,14 +36,15 @@ SHORT = [
 ]
 
 
-@pytest.mark.parametrize("experiment", ["opd", "caopd"])
-def test_two_step_run_writes_metrics_json(experiment, toy_base, tiny_overrides, make_cfg, tmp_path):
+@pytest.mark.parametrize("method", ["opd", "caopd"])
+def test_two_step_run_writes_metrics_json(method, toy_base, tiny_overrides, make_cfg, tmp_path):
     cfg = make_cfg(
-        [f"experiment={experiment}", f"model.path={toy_base}", *tiny_overrides], tmp_path
+        ["experiment=toy", f"method={method}", f"model.path={toy_base}", *tiny_overrides], tmp_path
     )
     result = run(cfg)
     written = json.loads((tmp_path / "metrics.json").read_text())
-    assert written["run"]["steps"] == 2 and written["run"]["method"] == experiment
+    assert written["run"]["steps"] == 2 and written["run"]["method"] == method
+    assert written["run"]["experiment"] == method  # task_name: the toy's is the method's name
     keys = {
         "accuracy",
         "mean_confidence",
@@ -65,15 +66,20 @@ def test_two_step_run_writes_metrics_json(experiment, toy_base, tiny_overrides, 
     assert result["accuracy"] == written["accuracy"]
 
 
-@pytest.mark.parametrize("experiment, path", [("caopd_science", SCIENCE), ("opd_tooluse", TOOLUSE)])
-def test_two_step_run_on_fixture_rows(experiment, path, tiny_dir, make_cfg, tmp_path, monkeypatch):
-    n_eval = 2 if "science" in experiment else 1
+@pytest.mark.parametrize(
+    "experiment, method, path", [("science", "caopd", SCIENCE), ("tooluse", "opd", TOOLUSE)]
+)
+def test_two_step_run_on_fixture_rows(
+    experiment, method, path, tiny_dir, make_cfg, tmp_path, monkeypatch
+):
+    n_eval = 2 if experiment == "science" else 1
     ema_calls = []
     real_ema = callbacks_lib.ema_update
     monkeypatch.setattr(callbacks_lib, "ema_update", lambda *a: ema_calls.append(a) or real_ema(*a))
     cfg = make_cfg(
         [
             f"experiment={experiment}",
+            f"method={method}",
             "model=hf",
             f"model.pretrained_model_name_or_path={tiny_dir}",
             f"data.path={path}",
@@ -84,7 +90,8 @@ def test_two_step_run_on_fixture_rows(experiment, path, tiny_dir, make_cfg, tmp_
     )
     result = run(cfg)
     written = json.loads((tmp_path / "metrics.json").read_text())
-    assert written["run"]["steps"] == 2 and written["run"]["method"] == experiment.split("_")[0]
+    assert written["run"]["steps"] == 2 and written["run"]["method"] == method
+    assert written["run"]["experiment"] == f"{method}_{experiment}"
     assert written["n"] == n_eval and written["initial"]["n"] == n_eval
     assert (tmp_path / "reliability.png").stat().st_size > 10_000
     assert result["accuracy"] == written["accuracy"]
@@ -92,10 +99,11 @@ def test_two_step_run_on_fixture_rows(experiment, path, tiny_dir, make_cfg, tmp_
 
 
 def _teacher_cfg(make_cfg, student_dir: Path, teacher_dir: Path, tmp_path: Path):
-    """opd_science with a separately configured teacher (model=hf_teacher)."""
+    """experiment=science method=opd with a separately configured teacher (model=hf_teacher)."""
     return make_cfg(
         [
-            "experiment=opd_science",
+            "experiment=science",
+            "method=opd",
             "model=hf_teacher",
             f"model.pretrained_model_name_or_path={student_dir}",
             f"model.teacher_name_or_path={teacher_dir}",
@@ -251,7 +259,8 @@ def _train_science(tiny_dir: Path, run_dir: Path, **popen) -> subprocess.Complet
         [
             sys.executable,
             str(ROOT / "train.py"),
-            "experiment=opd_science",
+            "experiment=science",
+            "method=opd",
             "model=hf",
             f"model.pretrained_model_name_or_path={tiny_dir}",
             f"data.path={SCIENCE}",
@@ -312,7 +321,7 @@ def _paper_cfg(make_cfg, experiment, model_dir, out, *extra):
         data = [f"data.path={TOOLUSE}", "data.num_eval=1"]
     return make_cfg(
         [
-            f"experiment={experiment}",
+            *f"experiment={experiment}".split(),  # "science method=caopd": two overrides
             "model=hf",
             f"model.pretrained_model_name_or_path={model_dir}",
             *data,
@@ -464,7 +473,7 @@ def test_chat_template_kwargs_reach_student_teacher_and_evaluation(
     run(
         _paper_cfg(
             make_cfg,
-            "caopd_science",
+            "science method=caopd",
             tiny_dir,
             tmp_path,
             "model.chat_template_kwargs={enable_thinking: false}",

@@ -46,7 +46,8 @@ class EngineFingerprint(L.Callback):
 
 def _overrides(model_dir: Path, run_dir: Path, steps: int, engine: list[str]) -> list[str]:
     return [
-        "experiment=smollm2_opd",
+        "experiment=smollm2",
+        "method=opd",
         *engine,
         "model.base=null",  # the converted SmolLM2 itself, not its arithmetic warm-up
         f"model.path={model_dir}",

@@ -18,7 +18,7 @@ def test_missing_base_is_built_on_first_use_and_cached(
         "+model.base.overrides.data.num_eval=6",
         "trainer.log_every_n_steps=1",
     ]
-    cfg = make_cfg(["experiment=caopd", *tiny_overrides, *small_build], tmp_path)
+    cfg = make_cfg(["experiment=toy", "method=caopd", *tiny_overrides, *small_build], tmp_path)
     base = tmp_path / "cache" / "toy_base" / "world0"
     assert not base.exists()
     with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
@@ -31,7 +31,7 @@ def test_missing_base_is_built_on_first_use_and_cached(
     assert not (base.parent / "world0.run" / "reliability_initial.png").exists()
     # the same run again, now on the cached base: the same numbers as the run that built it
     again = tmp_path / "again"
-    cfg2 = make_cfg(["experiment=caopd", *tiny_overrides, *small_build], again)
+    cfg2 = make_cfg(["experiment=toy", "method=caopd", *tiny_overrides, *small_build], again)
     with open_dict(cfg2):
         cfg2.paths.cache_dir = str(tmp_path / "cache")
     with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):

@@ -59,7 +59,8 @@ def write_run(
 ) -> dict:
     """One run directory as `train.py` leaves it: ``metrics.json`` and the Hydra overrides."""
     (folder / ".hydra").mkdir(parents=True)
-    lines = [f"experiment={method}", f"seed={seed}", *overrides, f"paths.output_dir={folder}"]
+    lines = ["experiment=toy", f"method={method}", f"seed={seed}", *overrides]
+    lines.append(f"paths.output_dir={folder}")
     (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {x}\n" for x in lines))
     metrics = {**final, "initial": initial, "run": {"method": method, "seed": seed}}
     if n_parameters is not None:
@@ -83,7 +84,7 @@ def write_sweep(root: Path, seeds: tuple[int, ...] = (0, 1, 2)) -> list[dict]:
             ):
                 runs.append(
                     write_run(
-                        root / f"size={size},seed={seed},experiment={method}",
+                        root / f"method={method},seed={seed},size={size}",
                         method,
                         seed,
                         evaluation(acc, conf),

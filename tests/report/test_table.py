@@ -83,7 +83,7 @@ def _fake_run(folder: Path, method: str, seed: int, lr: str, acc: float, ece: fl
     folder.mkdir(parents=True)
     (folder / ".hydra").mkdir()
     (folder / ".hydra" / "overrides.yaml").write_text(
-        f"- experiment={method}\n- seed={seed}\n- method.optimizer.lr={lr}\n"
+        f"- experiment=toy\n- method={method}\n- seed={seed}\n- method.optimizer.lr={lr}\n"
         f"- paths.output_dir={folder}\n"
     )
     evaluation = {

@@ -105,10 +105,15 @@ def test_science_unknown_answer_format_is_refused():
 
 
 def test_science_config_exposes_the_answer_format(make_cfg, tmp_path):
-    cfg = make_cfg(["experiment=caopd_science", f"data.path={SCIENCE}"], tmp_path)
+    cfg = make_cfg(["experiment=science", "method=caopd", f"data.path={SCIENCE}"], tmp_path)
     task = instantiate(cfg.data.task)
     assert task.answer_format == "tag" and task.verifier == "reference"  # the preset's
-    overrides = ["experiment=caopd_science", f"data.path={SCIENCE}", "data.task.verifier=project"]
+    overrides = [
+        "experiment=science",
+        "method=caopd",
+        f"data.path={SCIENCE}",
+        "data.task.verifier=project",
+    ]
     cfg = make_cfg([*overrides, "data.task.answer_format=lenient"], tmp_path)
     assert instantiate(cfg.data.task).verify("The answer is B.", {"answer": "B"})
 
@@ -196,7 +201,7 @@ def test_science_teacher_keeps_system_message_and_gets_the_demo_in_the_user_turn
     make_cfg, tmp_path
 ):
     """The paper's code rebuilds the teacher prompt from messages[1] alone; ours keeps all."""
-    cfg = make_cfg(["experiment=caopd_science", f"data.path={SCIENCE}"], tmp_path)
+    cfg = make_cfg(["experiment=science", "method=caopd", f"data.path={SCIENCE}"], tmp_path)
     task, template = instantiate(cfg.data.task), instantiate(cfg.method.template)
     item = next(it for it in _science_items() if "Water is H2O" in it["demo"])  # a training row
     student = task.student_messages(item)
