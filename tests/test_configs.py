@@ -236,14 +236,14 @@ def test_safe_prompt_length_and_multirun_dirs_named_by_overrides(make_cfg, tmp_p
     assert named.hydra.sweep.subdir == "data=science,method=caopd"  # paths left out
 
 
-README = Path(CONF_DIR).resolve().parents[1] / "README.md"
+REFERENCE_TABLE = Path(CONF_DIR).resolve().parents[1] / "docs" / "reference_code.md"
 _SETTING = re.compile(r"(?:(science|tool use): )?`([\w.]+)=([^`]*)`")
 
 
-def _readme_settings() -> list[tuple[str | None, str, str]]:
+def _table_settings() -> list[tuple[str | None, str, str]]:
     """(domain or None, key, value) of every `key=value` in the differences table's 3rd column."""
-    text = README.read_text()
-    table = text.split("### Differences from the reference code", 1)[1].split("\n\n")[2]
+    text = REFERENCE_TABLE.read_text()
+    table = text.split("# Differences from the reference code", 1)[1].split("\n\n")[2]
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     found = []
     for row in rows[1:]:  # after the header
@@ -253,7 +253,7 @@ def _readme_settings() -> list[tuple[str | None, str, str]]:
 
 
 def _expected(value: str, got):
-    """The README's value in the type of the config's: text as written (escapes decoded)."""
+    """The table's value in the type of the config's: text as written (escapes decoded)."""
     if value == "null":
         return None
     if isinstance(got, str):
@@ -262,18 +262,18 @@ def _expected(value: str, got):
 
 
 @pytest.mark.parametrize("experiment, domain", [("science", "science"), ("tooluse", "tool use")])
-def test_paper_presets_resolve_to_every_setting_of_the_readme_table(
+def test_paper_presets_resolve_to_every_setting_of_the_differences_table(
     experiment, domain, make_cfg, tmp_path
 ):
     cfg = make_cfg([f"experiment={experiment}", "method=caopd", "data.path=train.jsonl"], tmp_path)
-    settings = _readme_settings()
+    settings = _table_settings()
     assert len(settings) >= 20
     for where, key, value in settings:
         if value == "..." or (where is not None and where != domain):
             continue
         got = OmegaConf.select(cfg, key, throw_on_missing=True)
         assert got == _expected(value, got), (
-            f"{experiment}: {key} is {got!r}, the README says {value}"
+            f"{experiment}: {key} is {got!r}, docs/reference_code.md says {value}"
         )
     # 4 prompts x K=8 = 32 completions per optimizer step, as the reference's 1 x 32 x 8 / 8
     prompts = cfg.data.batch_size * cfg.trainer.accumulate_grad_batches
