@@ -24,7 +24,7 @@ engine's medians and the median of the per-step ratios to the first engine. The 
 Usage:
     python benchmarks/step_split.py experiment=smollm2 method=caopd
     python benchmarks/step_split.py experiment=smollm2 method=opd --engines hf vllm \
-        vllm:method.engine.dtype=bfloat16 --steps 5     # the README's engine table
+        vllm:method.engine.dtype=bfloat16 --steps 5     # docs/results.md's engine table
     python benchmarks/step_split.py experiment=toy method=caopd --steps 5
 """
 
