@@ -2,15 +2,14 @@
 
 Greedy decoding writes the confidence digit by digit, each the most likely one: the mode of the
 model's confidence distribution, token by token. CaOPD teaches that distribution P_acc over K
-rollouts; where the student cannot tell its prompts apart, the distribution is the mixture of
-their P_acc values, and its mode can sit far from its mean (docs/results.md,
-"The scaling law of miscalibration" and "A real model"). Under the squared error (the Brier
-score) the best single value to state from a predictive distribution is its mean (Lukasik et
-al., "Regression-aware inference with LLMs", 2024). `expected_confidences` reads it: after the
-answer the model wrote,
-each value of the grid 0.00, 0.01, ..., 1.00 is scored as the confidence literal, and the
-stated confidence becomes their probability-weighted mean (``eval.confidence_readout=expected``;
-the answer, and so the accuracy, is the greedy one either way).
+rollouts; where the student cannot tell its prompts apart, the distribution is the mixture of their
+P_acc values, and its mode can sit far from its mean (docs/results.md, "The scaling law of
+miscalibration" and "A real model"). Under the squared error (the Brier score) the best single value
+to state from a predictive distribution is its mean (Lukasik et al., "Regression-aware inference
+with LLMs", 2024). `expected_confidences` reads it: after the answer the model wrote, each value of
+the grid 0.00, 0.01, ..., 1.00 is scored as the confidence literal, and the stated confidence
+becomes their probability-weighted mean (``eval.confidence_readout=expected``; the answer, and so
+the accuracy, is the greedy one either way).
 """
 
 from __future__ import annotations
