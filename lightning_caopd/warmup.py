@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -233,7 +234,9 @@ class WarmupModule(StudentSystem):
         chat_template_kwargs: dict | None = None,
     ) -> None:
         super().__init__(student, tokenizer, task, optimizer, scheduler, eval, chat_template_kwargs)
-        self.save_hyperparameters({"name": name, "save_dir": str(save_dir), "eval": self.eval_cfg})
+        self.save_hyperparameters(
+            {"name": name, "save_dir": str(save_dir), "eval": asdict(self.eval_cfg)}
+        )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Cross-entropy on the target tokens (labels are -100 elsewhere)."""
