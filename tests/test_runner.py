@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lightning_caopd import callbacks as callbacks_lib
-from lightning_caopd.errors import ConfigError, RunDirError, user_message
+from lightning_caopd.errors import ConfigError, ResumeError, RunDirError, user_message
 from lightning_caopd.runner import build, lock_output_dir, run
 from tests.fixtures.runs import ROOT, SCIENCE, TOOLUSE, subprocess_env
 from tests.fixtures.tiny_models import save_tiny_hf_model
@@ -439,9 +439,9 @@ def test_init_from_a_missing_run_is_a_clear_error(tiny_dir, make_cfg, tmp_path):
         tmp_path,
         f"model.init_from={tmp_path / 'none'}",
     )
-    with pytest.raises(Exception) as err:
+    with pytest.raises(ResumeError) as err:
         run(cfg)
-    assert "model.init_from" in (user_message(err.value) or str(err.value))
+    assert "model.init_from" in user_message(err.value)
 
 
 def test_chat_template_kwargs_reach_student_teacher_and_evaluation(
