@@ -90,20 +90,22 @@ def check_config(cfg: DictConfig, read_rows: bool = True):
     return datamodule
 
 
-def _built(node, key: str):
-    """`node` instantiated; a mistake in its values as the project's error, naming `key`.
+def _built(node, key: str | None, **kwargs):
+    """`node` instantiated; a mistake in its values as the project's error.
 
-    The components raise `ConfigError` (or `DataError`) themselves, naming the full key; any
-    other ValueError or TypeError from building `node` (an unknown argument, a library's own
-    check) becomes a ConfigError that names `key`.
+    The components raise `ConfigError` (or `DataError`) themselves, naming the full key: that
+    error is raised as it is, not wrapped in Hydra's. With a `key`, any other ValueError or
+    TypeError from building `node` (an unknown argument, a library's own check) becomes a
+    ConfigError that names `key`; without one (a module built over loaded models, where such an
+    error is a bug) it is left as Hydra raised it.
     """
     try:
-        return instantiate(node)
+        return instantiate(node, **kwargs)
     except InstantiationException as err:
         cause = find_cause(err, ConfigError | DataError)
         if cause is not None:
             raise cause from None
-        cause = find_cause(err, ValueError | TypeError)
+        cause = find_cause(err, ValueError | TypeError) if key is not None else None
         if cause is not None:
             raise ConfigError(f"{key}: {cause}") from None
         raise
@@ -342,8 +344,8 @@ def build(cfg: DictConfig, datamodule=None):
     if cfg.model.get("chat_template_kwargs"):
         extra["chat_template_kwargs"] = chat_template_kwargs(cfg)
     settings = from_config(EvalSettings, cfg.get("eval"), "eval")
-    module = instantiate(
-        cfg.method, student=student, tokenizer=tokenizer, task=task, eval=settings, **extra
+    module = _built(
+        cfg.method, None, student=student, tokenizer=tokenizer, task=task, eval=settings, **extra
     )
     return module, datamodule if datamodule is not None else build_datamodule(cfg)
 
