@@ -6,8 +6,6 @@ value stops the run with a `ConfigError` naming the key, the value and what is a
 ``train.py`` prints it as one ``Error:`` paragraph.
 """
 
-import subprocess
-import sys
 from dataclasses import asdict
 
 import pytest
@@ -17,13 +15,19 @@ from lightning_caopd import checks, runner
 from lightning_caopd.divergence.token import KINDS
 from lightning_caopd.errors import ConfigError, user_message
 from lightning_caopd.settings import DIVERGENCES, EvalSettings, LossSettings, from_config
-from tests.fixtures.runs import ROOT, subprocess_env
+from tests.fixtures.runs import train_process
 
 # (group, override(s), the error's start): one bad value or more of every group a user sets
 BAD = [
+    ("rollout", "method.rollout.num_rollouts=abc", "method.rollout.num_rollouts='abc' is out of"),
     ("rollout", "method.rollout.num_rollouts=0", "method.rollout.num_rollouts=0 is out of range"),
-    ("rollout", "method.rollout.top_p=1.5", "method.rollout.top_p=1.5 is out of range"),
+    ("rollout", "method.rollout.temperature=0", "method.rollout.temperature=0 is out of range"),
+    ("rollout", "method.rollout.max_new_tokens=0", "method.rollout.max_new_tokens=0 is out of"),
+    ("rollout", "method.rollout.top_p=2", "method.rollout.top_p=2 is out of range"),
+    ("rollout", "method.rollout.prompt_overflow=drop", "method.rollout.prompt_overflow='drop'"),
     ("loss", "method.loss.divergence=kl", "method.loss.divergence='kl' is out of range"),
+    ("loss", "method.loss.jsd_beta=2", "method.loss.jsd_beta=2 is out of range"),
+    ("loss", "method.loss.skip_first_tokens=-1", "method.loss.skip_first_tokens=-1 is out of"),
     ("loss", "method.loss.share_prompt_prefix=2", "method.loss.share_prompt_prefix=2 is out of"),
     ("loss", "method.loss.temperature=0", "method.loss.temperature=0 is out of range"),
     ("targets", "method=caopd method.rollout.num_rollouts=1", "CaOPD needs K >= 2"),
@@ -67,17 +71,6 @@ BAD = [
 ]
 
 
-@pytest.fixture
-def no_models(monkeypatch):
-    """Fail the test if the run reaches the base's build or any model's loading."""
-
-    def loaded(*args, **kwargs):
-        raise AssertionError("a model was loaded before the config was checked")
-
-    monkeypatch.setattr(runner, "prepare_base", loaded)
-    monkeypatch.setattr(runner, "build_student", loaded)
-
-
 @pytest.mark.parametrize("group, overrides, message", BAD, ids=[b[1] for b in BAD])
 def test_every_bad_value_stops_the_run_before_any_model_loads(
     group, overrides, message, no_models, tiny_overrides, make_cfg, tmp_path
@@ -111,7 +104,7 @@ def test_a_good_config_passes_the_check_without_a_model(
         cfg = make_cfg([*tiny_overrides, *extra], tmp_path)
         datamodule = runner.check_config(cfg)  # builds no model: the fixture would fail
         assert datamodule.batch_size == 2
-        with pytest.raises(AssertionError, match="a model was loaded"):
+        with pytest.raises(AssertionError, match="a model or base was loaded"):
             runner.run(cfg)  # the check passed; the run went on to load the base
 
 
@@ -153,27 +146,18 @@ def test_eval_defaults_are_the_config_defaults(make_cfg, tmp_path):
         ("method.rollout.num_rollouts=1", "Error: CaOPD needs K >= 2 rollouts per prompt"),
         ("callbacks.teacher_ema.rate=2", "Error: callbacks.teacher_ema.rate=2 is out of range"),
         ("method.template.source=bogus", "Error: method.template.source='bogus' is out of range"),
+        ("method.rollout.top_p=2", "Error: method.rollout.top_p=2 is out of range"),
+        ("method.loss.divergence=foo", "Error: method.loss.divergence='foo' is out of range"),
     ],
 )
 def test_train_py_prints_one_paragraph_before_loading_the_base(override, expected, tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "experiment=caopd",
-            override,
-            "trainer.max_steps=1",
-            f"hydra.run.dir={tmp_path / 'run'}",
-            f"paths.cache_dir={tmp_path / 'cache'}",
-        ],
-        cwd=tmp_path,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 1
-    lines = out.stderr.strip().splitlines()
+    overrides = ["experiment=caopd", override, "trainer.max_steps=1"]
+    where = [f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    process = train_process([*overrides, *where], tmp_path)
+    output, _ = process.communicate(timeout=120)  # stdout and stderr together
+    assert process.returncode == 1
+    lines = output.strip().splitlines()
     assert lines[-1].startswith(expected) and [ln for ln in lines if "Error" in ln] == lines[-1:]
-    assert "Traceback" not in out.stderr and "Error executing job" not in out.stderr
+    assert "Traceback" not in output and "Error executing job" not in output
     assert not (tmp_path / "cache").exists()  # the toy base was neither built nor loaded
+    assert expected[len("Error: ") :] in (tmp_path / "run" / "train.log").read_text()
