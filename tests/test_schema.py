@@ -6,6 +6,7 @@ value stops the run with a `ConfigError` naming the key, the value and what is a
 ``train.py`` prints it as one ``Error:`` paragraph.
 """
 
+import re
 from dataclasses import asdict
 
 import pytest
@@ -15,7 +16,7 @@ from lightning_caopd import checks, runner
 from lightning_caopd.divergence.token import KINDS
 from lightning_caopd.errors import ConfigError, user_message
 from lightning_caopd.settings import DIVERGENCES, EvalSettings, LossSettings, from_config
-from tests.fixtures.runs import train_process
+from tests.fixtures.runs import SCIENCE, train_process
 
 # (group, override(s), the error's start): one bad value or more of every group a user sets
 BAD = [
@@ -68,6 +69,7 @@ BAD = [
     ("data", "data.num_train=0", "data.num_train=0 is out of range"),
     ("data", "data.num_eval=-1", "data.num_eval=-1 is out of range"),
     ("data", "data.world_seed=-1", "data.world_seed=-1 is out of range"),
+    ("data", "data.task.instruction_role=tool", "data.task.instruction_role='tool' is out of"),
 ]
 
 
@@ -81,6 +83,24 @@ def test_every_bad_value_stops_the_run_before_any_model_loads(
     text = str(info.value)
     assert text.startswith(message), text
     assert "\n" not in text and user_message(info.value) == f"Error: {text}"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("method.scheduler.warmup_ratio=1", "method.scheduler.warmup_ratio=1 is out of range"),
+        ("data.task.answer_format=strict", "data.task.answer_format='strict' is out of range"),
+        ("data.task.verifier=mine", "data.task.verifier='mine' is out of range"),
+        ("data.split_seed=-1", "data.split_seed=-1 is out of range"),
+        ("method.engine.importance_sampling_cap=1", "method.engine.importance_sampling_cap=1"),
+    ],
+)
+def test_a_domain_preset_s_bad_values_stop_the_run_before_any_model_loads(
+    override, message, no_models, make_cfg, tmp_path
+):
+    cfg = make_cfg(["experiment=opd_science", f"data.path={SCIENCE}", override], tmp_path)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        runner.run(cfg)
 
 
 def test_every_group_has_a_bad_value_tested():
