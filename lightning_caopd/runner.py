@@ -405,7 +405,7 @@ def metrics_writer(trainer: L.Trainer) -> MetricsWriter:
     for callback in trainer.callbacks:
         if isinstance(callback, MetricsWriter):
             return callback
-    raise ValueError(
+    raise ConfigError(
         "The run has no MetricsWriter callback, so it would write no metrics.json: keep "
         "callbacks.metrics (in conf/callbacks/minimal.yaml, which default.yaml includes)."
     )

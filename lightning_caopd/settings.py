@@ -21,8 +21,8 @@ from lightning_caopd.divergence.token import KINDS as DIVERGENCES
 from lightning_caopd.errors import ConfigError
 from lightning_caopd.readout import READOUTS
 from lightning_caopd.reference import PROTOCOLS
+from lightning_caopd.rollout import PROMPT_OVERFLOW
 
-PROMPT_OVERFLOW = ("truncate", "skip")
 # eval.scoring: this project's confidence parser and ECE bins, or the reference scorer's
 SCORING = ("default", "reference")
 # eval.engine: the student's own greedy decoding, or greedy vLLM (the reference's evaluation)
