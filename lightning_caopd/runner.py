@@ -23,7 +23,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -78,6 +78,9 @@ def check_config(cfg: DictConfig, read_rows: bool = True):
     if "targets" in parts and "rollout" in parts:
         parts["targets"].check(parts["rollout"].num_rollouts)
     _check_optimizer(method)
+    method_class = get_class(method["_target_"]) if "_target_" in method else None
+    if hasattr(method_class, "check_method"):  # the method's own values (the format warm-up's)
+        method_class.check_method(method)
     from_config(EvalSettings, cfg.get("eval"), "eval")
     for name, node in (cfg.get("callbacks") or {}).items():
         if node is not None:
@@ -94,15 +97,18 @@ def _built(node, key: str | None, **kwargs):
     """`node` instantiated; a mistake in its values as the project's error.
 
     The components raise `ConfigError` (or `DataError`) themselves, naming the full key: that
-    error is raised as it is, not wrapped in Hydra's. With a `key`, any other ValueError or
-    TypeError from building `node` (an unknown argument, a library's own check) becomes a
-    ConfigError that names `key`; without one (a module built over loaded models, where such an
-    error is a bug) it is left as Hydra raised it.
+    error is raised as it is, not wrapped in Hydra's (`key` added where a component sits under
+    another name than its own: the format warm-up's ``method.caopd``). With a `key`, any other
+    ValueError or TypeError from building `node` (an unknown argument, a library's own check)
+    becomes a ConfigError that names `key`; without one (a module built over loaded models,
+    where such an error is a bug) it is left as Hydra raised it.
     """
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
         cause = find_cause(err, ConfigError | DataError)
+        if cause is not None and key is not None and key not in str(cause):
+            raise type(cause)(f"{cause} (in {key})") from None
         if cause is not None:
             raise cause from None
         cause = find_cause(err, ValueError | TypeError) if key is not None else None

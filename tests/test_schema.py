@@ -103,6 +103,27 @@ def test_a_domain_preset_s_bad_values_stop_the_run_before_any_model_loads(
         runner.run(cfg)
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("method.teacher_share=1.5", "method.teacher_share=1.5 is out of range"),
+        ("method.confidences=[0.5,2]", "method.confidences=2 is out of range"),
+        ("method.confidence_steps=0", "method.confidence_steps=0 is out of range"),
+        (
+            "+method.caopd.cut=middle",
+            "method.targets.cut='middle' is out of range: it must be one"
+            " of ('last', 'first'). (in method.caopd)",
+        ),
+    ],
+)
+def test_the_format_warm_up_s_bad_values_stop_it_before_any_model_loads(
+    override, message, no_models, make_cfg, tmp_path
+):
+    overrides = ["experiment=format_base", "data=science", f"data.path={SCIENCE}", override]
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        runner.run(make_cfg(overrides, tmp_path))
+
+
 def test_every_group_has_a_bad_value_tested():
     assert {b[0] for b in BAD} == {
         "rollout",
