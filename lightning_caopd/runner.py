@@ -107,7 +107,7 @@ def _built(node, key: str | None, **kwargs):
         return instantiate(node, **kwargs)
     except InstantiationException as err:
         cause = find_cause(err, ConfigError | DataError)
-        if cause is not None and key is not None and key not in str(cause):
+        if isinstance(cause, ConfigError) and key is not None and key not in str(cause):
             raise type(cause)(f"{cause} (in {key})") from None
         if cause is not None:
             raise cause from None
