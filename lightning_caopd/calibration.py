@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from lightning_caopd.checks import check_bool, check_choice, check_format
 from lightning_caopd.confidence import strip_confidence, strip_confidence_reference
-from lightning_caopd.errors import out_of_range
+from lightning_caopd.errors import ConfigError
 from lightning_caopd.templates import with_confidence
 
 DEFAULT_NOTE = "Empirical confidence: {p_acc:.2f}. Output it."
@@ -111,7 +112,11 @@ class ConfidenceTargets:
         ]
 
     def check(self, num_rollouts: int) -> None:
-        """Refuse settings the policy cannot work with (at start-up)."""
+        """Refuse settings the policy cannot work with (at start-up).
+
+        Raises:
+            ConfigError: naming the keys and what to change.
+        """
 
 
 @dataclass
@@ -145,10 +150,13 @@ class CaOPD(ConfidenceTargets):
     cut: str = "last"
 
     def __post_init__(self) -> None:
-        if self.cut not in CUTS:
-            raise out_of_range("method.targets.cut", self.cut, "'last' or 'first'")
+        check_format("method.targets.confidence_format", self.confidence_format, ["p_acc"])
+        check_format("method.targets.note", self.note, ["p_acc"], required=False)
+        for name in ("replace_student", "replace_context", "add_note", "note_only_rows"):
+            check_bool(f"method.targets.{name}", getattr(self, name))
+        check_choice("method.targets.cut", self.cut, CUTS)
         if self.note_only_rows and not self.add_note:
-            raise ValueError(
+            raise ConfigError(
                 "method.targets.note_only_rows=true needs method.targets.add_note=true: a row "
                 "without a solution has only the note to tell its teacher P_acc."
             )
@@ -156,7 +164,7 @@ class CaOPD(ConfidenceTargets):
     def check(self, num_rollouts: int) -> None:
         """CaOPD measures P_acc over the K rollouts of a prompt: K must be 2 or more."""
         if num_rollouts < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"CaOPD needs K >= 2 rollouts per prompt to measure P_acc; got "
                 f"method.rollout.num_rollouts={num_rollouts}. Set it to 2 or more (the paper "
                 "uses 8)."

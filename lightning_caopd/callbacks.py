@@ -29,9 +29,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar
 
+from lightning_caopd.checks import check_bool, check_int, check_number
 from lightning_caopd.confidence import answer_confidence_tokens, decode_all, parse_confidence
-from lightning_caopd.data.base import check_int
-from lightning_caopd.errors import NonFiniteError
+from lightning_caopd.errors import ConfigError, NonFiniteError
 from lightning_caopd.files import atomic_write_text
 from lightning_caopd.loggers import log_histogram, log_image, log_rollouts, logs_step, takes_media
 from lightning_caopd.metrics.plot import reliability_image, save_reliability_png
@@ -71,6 +71,7 @@ class MetricsWriter(Callback):
         record_initial: bool = True,
         completions: bool = False,
     ) -> None:
+        check_bool("callbacks.metrics.completions", completions)
         self.output_dir = Path(output_dir)
         self.run = dict(run or {})
         self.record_initial = record_initial
@@ -171,13 +172,12 @@ class TeacherEMA(StepAware):
     """
 
     def __init__(self, rate: float = 0.0) -> None:
-        if not isinstance(rate, int | float) or not 0.0 <= rate <= 1.0:
-            raise ValueError(f"callbacks.teacher_ema.rate={rate!r} must be a number in [0, 1].")
+        check_number("callbacks.teacher_ema.rate", rate, 0, 1)
         self.rate = rate
 
     def setup(self, trainer: L.Trainer, pl_module: DistillationView, stage: str) -> None:  # noqa: D102
         if self.rate > 0 and not pl_module.teacher.owns_weights:
-            raise ValueError(
+            raise ConfigError(
                 "callbacks.teacher_ema.rate > 0 moves the teacher toward the student, but with "
                 "model.lora the self-distillation teacher is the student's own base weights "
                 "(adapter off), which the EMA would overwrite. Set callbacks.teacher_ema.rate=0, "
@@ -381,11 +381,8 @@ class RolloutTable(EveryNSteps):
     """
 
     def __init__(self, every: int = 50, rows: int = 8) -> None:
-        if every < 0 or rows < 1:
-            raise ValueError(
-                f"callbacks.rollout_table needs every >= 0 and rows >= 1; got every={every}, "
-                f"rows={rows}."
-            )
+        check_int("callbacks.rollout_table.every", every, 0)
+        check_int("callbacks.rollout_table.rows", rows, 1)
         super().__init__(every)
         self.rows = rows
 

@@ -68,12 +68,12 @@ class TeacherDiagnostics:
 
     def validation_step(self: DiagnosticsHost, batch: list[dict], batch_idx: int) -> None:  # noqa: D102
         super().validation_step(batch, batch_idx)
-        if self.eval_cfg["teacher_conditioned"]:
+        if self.eval_cfg.teacher_conditioned:
             self.teacher_scores.update(self.evaluate_teacher(batch))
 
     def on_validation_epoch_end(self: DiagnosticsHost) -> None:  # noqa: D102
         super().on_validation_epoch_end()
-        if not self.eval_cfg["teacher_conditioned"]:
+        if not self.eval_cfg.teacher_conditioned:
             return
         block = teacher_conditioned(self.teacher_scores.compute(), self.evaluation)
         self.teacher_scores.reset()

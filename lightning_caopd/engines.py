@@ -22,6 +22,7 @@ from abc import ABC, abstractmethod
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lightning_caopd.checks import check_bool
 from lightning_caopd.rollout import Rollouts, sample
 from lightning_caopd.sharding import gathered
 
@@ -92,6 +93,7 @@ class HFEngine(RolloutEngine):
     """
 
     def __init__(self, use_generate: bool = False) -> None:
+        check_bool("method.engine.use_generate", use_generate)
         self.model: PreTrainedModel | None = None
         self.use_generate = use_generate
 

@@ -46,6 +46,7 @@ from lightning_caopd.runner import (
     quiet_console,
     summary,
 )
+from lightning_caopd.settings import EvalSettings, from_config
 
 log = logging.getLogger(__name__)
 
@@ -218,9 +219,9 @@ def _score(cfg: DictConfig, out_dir: Path, datamodule) -> dict:
     tokenizer, student, task = build_student(cfg)
     if cfg.get("checkpoint"):
         load_student_weights(student, cfg.checkpoint)
-    eval_opts = OmegaConf.to_container(cfg.get("eval") or {}, resolve=True)
+    settings = from_config(EvalSettings, cfg.get("eval"), "eval")
     module = StudentSystem(
-        student, tokenizer, task, eval=eval_opts, chat_template_kwargs=chat_template_kwargs(cfg)
+        student, tokenizer, task, eval=settings, chat_template_kwargs=chat_template_kwargs(cfg)
     )
     run_info = {
         "model": next((cfg.model[k] for k in _MODEL_KEYS if cfg.model.get(k)), None),

@@ -31,10 +31,9 @@ from lightning_caopd.diagnostics import TeacherDiagnostics
 from lightning_caopd.engines import HFEngine, RolloutEngine
 from lightning_caopd.errors import ConfigError
 from lightning_caopd.loggers import logs_step
-from lightning_caopd.readout import check_readout
 from lightning_caopd.rollout import Rollouts, encode_chats, end_ids
 from lightning_caopd.scoring import EvalBatch, EvalScores, evaluate_items, gather_records
-from lightning_caopd.settings import LossSettings, RolloutSettings
+from lightning_caopd.settings import EvalSettings, LossSettings, RolloutSettings, from_config
 from lightning_caopd.sharding import gathered, is_sharded, shard
 from lightning_caopd.step.loss import Importance, LossBatch, loss_path
 from lightning_caopd.step.prompts import TeacherPrompts
@@ -42,17 +41,6 @@ from lightning_caopd.step.result import StepResult
 from lightning_caopd.step.teacher import make_teacher
 from lightning_caopd.tasks.base import Task, task_scores
 from lightning_caopd.templates import TeacherTemplate
-
-EVAL_DEFAULTS = {
-    "max_new_tokens": 32,
-    "do_sample": False,
-    "temperature": 1.0,
-    "teacher_conditioned": True,
-    "confidence_readout": "greedy",
-    "engine": "hf",
-    "protocol": "default",
-}
-EVAL_ENGINES = ("hf", "vllm")
 
 
 class StudentSystem(L.LightningModule):
@@ -69,15 +57,8 @@ class StudentSystem(L.LightningModule):
         task: the domain (prompts, verifier, categories).
         optimizer: a partial optimizer over the student's parameters (None: no training).
         scheduler: an optional partial LR scheduler over the optimizer (stepped per step).
-        eval: generation options of the evaluation (``max_new_tokens``, ``do_sample``,
-            ``temperature``, ``max_prompt_length``), ``scoring``: ``default`` or
-            ``reference`` (the released CaOPD scorer's confidence parsing and ECE bins),
-            ``confidence_readout``: ``greedy`` (the confidence as written) or ``expected``
-            (`lightning_caopd.readout`), ``protocol``: ``default`` or ``reference`` (the
-            released code's evaluation: the items' own prompts and, in ``metrics.json``'s
-            ``reference`` block, its scorers and metrics over all items,
-            `lightning_caopd.reference`), and ``teacher_conditioned`` (`DistillationModule`
-            only: also score the teacher).
+        eval: the evaluation's settings (`lightning_caopd.settings.EvalSettings`, or a dict of
+            some of them; None: the defaults).
         chat_template_kwargs: keyword arguments of every chat-template call (student,
             teacher, evaluation), from ``model.chat_template_kwargs``.
     """
@@ -89,7 +70,7 @@ class StudentSystem(L.LightningModule):
         task: Task,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
-        eval: dict | None = None,  # noqa: A002 - the config key users write
+        eval: EvalSettings | dict | None = None,  # noqa: A002 - the config key users write
         chat_template_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
@@ -97,17 +78,10 @@ class StudentSystem(L.LightningModule):
         # (Lightning switches it to eval for the validation loop and back)
         self.student, self.tokenizer, self.task = student.train(), tokenizer, task
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.eval_cfg = {**EVAL_DEFAULTS, **(eval or {})}
-        check_readout(self.eval_cfg["confidence_readout"], self.eval_cfg.get("scoring", "default"))
-        if self.eval_cfg["engine"] not in EVAL_ENGINES:
-            raise ConfigError(
-                f"eval.engine={self.eval_cfg['engine']!r} is out of range: it must be one of "
-                f"{EVAL_ENGINES} (hf: the student's own greedy decoding; vllm: greedy vLLM, as "
-                "the reference's evaluation scripts)."
-            )
+        self.eval_cfg = from_config(EvalSettings, eval, "eval")
         self._eval_engine: RolloutEngine | None = None
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
-        self.val_scores = EvalScores(list(task.categories), self.eval_cfg.get("scoring", "default"))
+        self.val_scores = EvalScores(list(task.categories), self.eval_cfg.scoring)
         # counted before any strategy shards the weights; with LoRA, base and adapter together
         self.n_parameters = sum(p.numel() for p in student.parameters())
         self.evaluation: dict | None = None
@@ -175,7 +149,7 @@ class StudentSystem(L.LightningModule):
         when that is vLLM (one engine, one copy of the weights), else a `VLLMEngine` of its own
         with the defaults of ``conf/method/engine/vllm.yaml``.
         """
-        if self.eval_cfg["engine"] != "vllm":
+        if self.eval_cfg.engine != "vllm":
             return None
         if self._eval_engine is None:
             from lightning_caopd.vllm_engine import VLLMEngine
@@ -191,8 +165,8 @@ class StudentSystem(L.LightningModule):
 
     def max_sequence(self) -> int | None:
         """The longest prompt + completion an engine must hold (None: no prompt limit)."""
-        prompt = self.eval_cfg.get("max_prompt_length")
-        return None if prompt is None else prompt + self.eval_cfg["max_new_tokens"]
+        prompt = self.eval_cfg.max_prompt_length
+        return None if prompt is None else prompt + self.eval_cfg.max_new_tokens
 
     def score(
         self,
@@ -210,16 +184,16 @@ class StudentSystem(L.LightningModule):
             self.tokenizer,
             self.task,
             items,
-            max_new_tokens=self.eval_cfg["max_new_tokens"],
-            max_prompt_length=self.eval_cfg.get("max_prompt_length"),
-            do_sample=self.eval_cfg["do_sample"],
-            temperature=self.eval_cfg["temperature"],
-            scoring=self.eval_cfg.get("scoring", "default"),
+            max_new_tokens=self.eval_cfg.max_new_tokens,
+            max_prompt_length=self.eval_cfg.max_prompt_length,
+            do_sample=self.eval_cfg.do_sample,
+            temperature=self.eval_cfg.temperature,
+            scoring=self.eval_cfg.scoring,
             chat_template_kwargs=self.chat_template_kwargs,
             chats=chats,
-            confidence_readout=self.eval_cfg["confidence_readout"],
+            confidence_readout=self.eval_cfg.confidence_readout,
             engine=engine,
-            protocol=self.eval_cfg["protocol"],
+            protocol=self.eval_cfg.protocol,
         )
 
     def validation_step(self, batch: list[dict], batch_idx: int) -> None:  # noqa: D102
@@ -233,7 +207,7 @@ class StudentSystem(L.LightningModule):
         result["reliability"] = self.val_scores.calibration.reliability_bins()  # every rank
         self.val_scores.reset()
         self.evaluation_records = gather_records(self.evaluation_records)
-        if self.eval_cfg["protocol"] == "reference":
+        if self.eval_cfg.protocol == "reference":
             result["reference"] = reference.block(
                 self.evaluation_records, self.task.reports_answer_rate
             )
@@ -249,7 +223,7 @@ class StudentSystem(L.LightningModule):
             )
         self.log_dict(scalars, sync_dist=False)  # already synced by the metrics
         result["n_parameters"] = self.n_parameters  # metrics.json only: no curve to draw
-        result["confidence_readout"] = self.eval_cfg["confidence_readout"]  # how it was read
+        result["confidence_readout"] = self.eval_cfg.confidence_readout  # how it was read
 
 
 class DistillationModule(TeacherDiagnostics, StudentSystem):
@@ -293,7 +267,7 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
         teacher: PreTrainedModel | None = None,
         scheduler: Callable | None = None,
         engine: RolloutEngine | None = None,
-        eval: dict | None = None,  # noqa: A002 - the config key users write
+        eval: EvalSettings | dict | None = None,  # noqa: A002 - the config key users write
         name: str = "opd",
         chat_template_kwargs: dict | None = None,
     ) -> None:
@@ -303,7 +277,7 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
         targets.check(self.rollout.num_rollouts)
         self.verifier_errors = 0  # completions whose verifier raised (scored 0)
         hparams = {"name": name, "rollout": asdict(self.rollout), "loss": asdict(loss)}
-        self.save_hyperparameters({**hparams, "eval": self.eval_cfg})
+        self.save_hyperparameters({**hparams, "eval": asdict(self.eval_cfg)})
         self.teacher = make_teacher(student, teacher)
         self.loss_path = loss_path(loss, tokenizer.pad_token_id)
         self.loss_path.check(student, self.teacher)
@@ -318,10 +292,7 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
         self.engine = engine if engine is not None else HFEngine()
         self.engine.attach(tokenizer, end_ids(student, tokenizer), self.max_sequence())
         self._engine_step = -1  # the optimizer step the engine's weights are from
-        switch = self.eval_cfg["teacher_conditioned"]
-        if not isinstance(switch, bool):
-            raise ConfigError(f"eval.teacher_conditioned={switch!r} must be true or false.")
-        self.teacher_scores = EvalScores(scoring=self.eval_cfg.get("scoring", "default"))
+        self.teacher_scores = EvalScores(scoring=self.eval_cfg.scoring)
 
     @property
     def template(self) -> TeacherTemplate:
@@ -335,10 +306,10 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
 
     def max_sequence(self) -> int | None:
         """The longest prompt + completion of a rollout or an evaluation (None: no limit)."""
-        prompts = [self.rollout.max_prompt_length, self.eval_cfg.get("max_prompt_length")]
+        prompts = [self.rollout.max_prompt_length, self.eval_cfg.max_prompt_length]
         if None in prompts:
             return None
-        return max(prompts) + max(self.rollout.max_new_tokens, self.eval_cfg["max_new_tokens"])
+        return max(prompts) + max(self.rollout.max_new_tokens, self.eval_cfg.max_new_tokens)
 
     def on_validation_epoch_start(self) -> None:  # noqa: D102
         super().on_validation_epoch_start()

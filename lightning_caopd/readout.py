@@ -18,25 +18,10 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_caopd.confidence import char_offsets, confidence_span, span_tokens
-from lightning_caopd.errors import ConfigError
 from lightning_caopd.rollout import shared_prefix_logits
 
 READOUTS = ("greedy", "expected")
 GRID = [i / 100 for i in range(101)]  # the values scored, written as "{:.2f}"
-
-
-def check_readout(readout: str, scoring: str = "default") -> None:
-    """A ConfigError naming ``eval.confidence_readout`` unless `readout` can be used."""
-    if readout not in READOUTS:
-        raise ConfigError(
-            f"eval.confidence_readout is {readout!r}; choose from {list(READOUTS)} (greedy: the "
-            "confidence as written; expected: the mean of the model's confidence distribution)."
-        )
-    if readout == "expected" and scoring != "default":
-        raise ConfigError(
-            f"eval.confidence_readout=expected reads the confidence this project's parser finds; "
-            f"eval.scoring={scoring!r} parses another way. Use eval.scoring=default with it."
-        )
 
 
 @torch.no_grad()

@@ -36,7 +36,6 @@ from lightning_caopd import reference
 from lightning_caopd.callbacks import METRICS_FILE
 from lightning_caopd.errors import ConfigError, DataError, exit_with, user_message
 from lightning_caopd.files import atomic_write_text
-from lightning_caopd.reference import PROTOCOLS
 from lightning_caopd.scoring import (
     EvalBatch,
     EvalScores,
@@ -44,6 +43,7 @@ from lightning_caopd.scoring import (
     reference_record,
     verdicts,
 )
+from lightning_caopd.settings import EvalSettings, from_config
 from lightning_caopd.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -133,9 +133,7 @@ def run_config(path: Path, domain: str | None, overrides: list[str]) -> DictConf
         )
     own = ("out=", "config=")
     cfg.merge_with(OmegaConf.from_dotlist([o for o in overrides if not o.startswith(own)]))
-    protocol = OmegaConf.select(cfg, "eval.protocol", default="default")
-    if protocol not in PROTOCOLS:
-        raise ConfigError(f"eval.protocol={protocol!r} is out of range: one of {PROTOCOLS}.")
+    from_config(EvalSettings, cfg.get("eval"), "eval")  # every value checked now
     return cfg
 
 
@@ -145,9 +143,9 @@ def rescore(records: list[dict], task: Task, cfg: DictConfig) -> dict:
     The records are replayed in the run's evaluation batches (``data.eval_batch_size``), so
     the metrics' sums are taken in the run's order and come out identical.
     """
-    scoring = OmegaConf.select(cfg, "eval.scoring", default="default")
-    protocol = OmegaConf.select(cfg, "eval.protocol", default="default")
-    stored = OmegaConf.select(cfg, "eval.confidence_readout", default="greedy") == "expected"
+    settings = from_config(EvalSettings, cfg.get("eval"), "eval")  # a key left out: its default
+    scoring, protocol = settings.scoring, settings.protocol
+    stored = settings.confidence_readout == "expected"
     size = OmegaConf.select(cfg, "data.eval_batch_size", default=None) or len(records)
     scores = EvalScores(list(task.categories), scoring)
     for start in range(0, len(records), size):

@@ -13,7 +13,11 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from lightning_caopd.checks import check_choice
 from lightning_caopd.errors import ConfigError
+
+# a student prompt longer than the limit: its left end cut, or its item left out of the step
+PROMPT_OVERFLOW = ("truncate", "skip")
 
 
 def encode_chats(
@@ -40,8 +44,7 @@ def encode_chats(
         The token ids of each prompt (None for a skipped one) and how many prompts were longer
         than `max_length` (truncated or skipped).
     """
-    if overflow not in ("truncate", "skip"):
-        raise ValueError(f"The prompt overflow mode must be 'truncate' or 'skip'; got {overflow!r}")
+    check_choice("method.rollout.prompt_overflow", overflow, PROMPT_OVERFLOW)
     extra = dict(chat_template_kwargs or {})
     texts = [
         tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True, **extra)

@@ -23,7 +23,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -38,23 +38,24 @@ from lightning_caopd.errors import (
     out_of_range,
 )
 from lightning_caopd.loggers import finish_loggers
-from lightning_caopd.reference import PROTOCOLS
+from lightning_caopd.settings import EvalSettings, from_config
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".run.lock"
 SUMMARY_KEYS = ("n", "accuracy", "ece", "brier", "format_rate")
-# eval.scoring: this project's confidence parser and ECE bins, or the reference scorer's
-SCORING = ("default", "reference")
 
 
 def check_config(cfg: DictConfig, read_rows: bool = True):
-    """Check every method and data value at start-up, before any model loads.
+    """Build and check everything that is not a model, at start-up, before any weights load.
 
-    Builds ``method.rollout`` and ``method.loss`` (`lightning_caopd.settings`, which check their
-    ranges), the task (importing a user's verifier) and the DataModule (batch sizes, counts),
-    reads a file-backed DataModule's rows (every row made an item: a bad row is reported with
-    its file, row and field), and checks ``eval``.
+    Builds the method's parts (``method.rollout``, ``loss``, ``template``, ``targets``,
+    ``engine``: every ``method`` entry with a ``_target_``) and checks them against each other
+    (CaOPD's K >= 2), the optimizer (over a stand-in parameter) and the scheduler over it, the
+    ``eval`` settings (`lightning_caopd.settings.EvalSettings`), every callback, the task
+    (importing a user's verifier) and the DataModule (batch sizes, counts); a file-backed
+    DataModule's rows are read (every row made an item: a bad row is reported with its file,
+    row and field).
 
     Args:
         cfg: the composed config.
@@ -64,43 +65,81 @@ def check_config(cfg: DictConfig, read_rows: bool = True):
         The DataModule, for `build`.
 
     Raises:
-        ConfigError: one sentence naming the key, the value and the allowed range.
+        ConfigError: one sentence naming the key, the value and what is allowed.
+        DataError: a data file or row that cannot be read, named by file and row.
     """
     resolve_engine(cfg)
     method = cfg.get("method") or {}
-    for group in ("rollout", "loss"):
-        node = method.get(group)
-        if node is None or "_target_" not in node:
-            continue
-        try:
-            instantiate(node)
-        except InstantiationException as err:
-            cause = find_cause(err, ValueError)  # the settings' own range check
-            if cause is not None:
-                raise ConfigError(str(cause)) from None
-            raise
-    eval_cfg = cfg.get("eval") or {}
-    tokens = eval_cfg.get("max_new_tokens")
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
-        raise out_of_range("eval.max_new_tokens", tokens, "an integer >= 1")
-    if eval_cfg.get("scoring", "default") not in SCORING:
-        raise out_of_range("eval.scoring", eval_cfg.get("scoring"), " or ".join(SCORING))
-    if eval_cfg.get("protocol", "default") not in PROTOCOLS:
-        raise out_of_range("eval.protocol", eval_cfg.get("protocol"), " or ".join(PROTOCOLS))
-    try:
-        if cfg.get("data", {}).get("task") is not None:
-            instantiate(cfg.data.task)  # imports a user's verifier: a bad path fails here
-        datamodule = build_datamodule(cfg)
-    except InstantiationException as err:
-        cause = find_cause(err, ValueError)  # ConfigError, DataError, a task's own check
-        if isinstance(cause, ConfigError | DataError):
-            raise cause from None
-        if cause is not None:
-            raise ConfigError(str(cause)) from None
-        raise
+    parts = {
+        name: _built(node, f"method.{name}")
+        for name, node in method.items()
+        if isinstance(node, DictConfig) and "_target_" in node and not node.get("_partial_")
+    }
+    if "targets" in parts and "rollout" in parts:
+        parts["targets"].check(parts["rollout"].num_rollouts)
+    _check_optimizer(method)
+    method_class = get_class(method["_target_"]) if "_target_" in method else None
+    if hasattr(method_class, "check_method"):  # the method's own values (the format warm-up's)
+        method_class.check_method(method)
+    from_config(EvalSettings, cfg.get("eval"), "eval")
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is not None:
+            _built(node, f"callbacks.{name}")
+    if cfg.get("data", {}).get("task") is not None:
+        _built(cfg.data.task, "data.task")  # imports a user's verifier: a bad path fails here
+    datamodule = _built(_data_node(cfg), "data")
     if read_rows and hasattr(datamodule, "load_items"):
         datamodule.setup("fit")  # every row read and made an item, before any model loads
     return datamodule
+
+
+def _built(node, key: str | None, **kwargs):
+    """`node` instantiated; a mistake in its values as the project's error.
+
+    The components raise `ConfigError` (or `DataError`) themselves, naming the full key: that
+    error is raised as it is, not wrapped in Hydra's (`key` added where a component sits under
+    another name than its own: the format warm-up's ``method.caopd``). With a `key`, any other
+    ValueError or TypeError from building `node` (an unknown argument, a library's own check)
+    becomes a ConfigError that names `key`; without one (a module built over loaded models,
+    where such an error is a bug) it is left as Hydra raised it.
+    """
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = find_cause(err, ConfigError | DataError)
+        if isinstance(cause, ConfigError) and key is not None and key not in str(cause):
+            raise type(cause)(f"{cause} (in {key})") from None
+        if cause is not None:
+            raise cause from None
+        cause = find_cause(err, ValueError | TypeError) if key is not None else None
+        if cause is not None:
+            raise ConfigError(f"{key}: {cause}") from None
+        raise
+
+
+def _check_optimizer(method) -> None:
+    """``method.optimizer`` (and ``method.scheduler``) built over one stand-in parameter.
+
+    torch checks the learning rate and the other values when an optimizer is made, which a run
+    does only after its models load.
+    """
+    if method.get("optimizer") is None:
+        return
+    optimizer = _built(method.optimizer, "method.optimizer")
+    try:
+        optimizer = optimizer(params=[torch.nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"method.optimizer: {err}") from None
+    scheduler = method.get("scheduler")
+    if scheduler is None:
+        return
+    factory = _built(scheduler, "method.scheduler")
+    # a schedule whose length the trainer gives (total_steps: null) gets a stand-in length
+    length = {"total_steps": 100} if scheduler.get("total_steps", 0) is None else {}
+    try:
+        factory(optimizer=optimizer, **length)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"method.scheduler: {err}") from None
 
 
 def resolve_engine(cfg: DictConfig) -> None:
@@ -282,11 +321,16 @@ def build_student(cfg: DictConfig):
     return tokenizer, student, instantiate(cfg.data.task)
 
 
-def build_datamodule(cfg: DictConfig):
-    """The DataModule of ``cfg.data`` (its ``task`` entry goes to the module, not here)."""
+def _data_node(cfg: DictConfig) -> dict:
+    """``cfg.data`` without its ``task`` entry (which goes to the module)."""
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     data_cfg.pop("task", None)
-    return instantiate(data_cfg)
+    return data_cfg
+
+
+def build_datamodule(cfg: DictConfig):
+    """The DataModule of ``cfg.data`` (its ``task`` entry goes to the module, not here)."""
+    return instantiate(_data_node(cfg))
 
 
 def build(cfg: DictConfig, datamodule=None):
@@ -305,9 +349,9 @@ def build(cfg: DictConfig, datamodule=None):
         extra["teacher"] = instantiate(cfg.model.teacher)
     if cfg.model.get("chat_template_kwargs"):
         extra["chat_template_kwargs"] = chat_template_kwargs(cfg)
-    eval_opts = OmegaConf.to_container(cfg.get("eval") or {}, resolve=True)
-    module = instantiate(
-        cfg.method, student=student, tokenizer=tokenizer, task=task, eval=eval_opts, **extra
+    settings = from_config(EvalSettings, cfg.get("eval"), "eval")
+    module = _built(
+        cfg.method, None, student=student, tokenizer=tokenizer, task=task, eval=settings, **extra
     )
     return module, datamodule if datamodule is not None else build_datamodule(cfg)
 
@@ -367,7 +411,7 @@ def metrics_writer(trainer: L.Trainer) -> MetricsWriter:
     for callback in trainer.callbacks:
         if isinstance(callback, MetricsWriter):
             return callback
-    raise ValueError(
+    raise ConfigError(
         "The run has no MetricsWriter callback, so it would write no metrics.json: keep "
         "callbacks.metrics (in conf/callbacks/minimal.yaml, which default.yaml includes)."
     )

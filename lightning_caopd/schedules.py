@@ -8,6 +8,9 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_cosine_schedule_with_warmup
 
+from lightning_caopd.checks import check_number
+from lightning_caopd.errors import ConfigError
+
 
 def warmup_cosine(
     optimizer: Optimizer, total_steps: int | None = None, warmup_ratio: float = 0.1
@@ -25,7 +28,7 @@ def warmup_cosine(
         warmup_ratio: the share of the steps spent warming up, in [0, 1).
 
     Raises:
-        ValueError: `total_steps` is unknown or below 1, or `warmup_ratio` is out of range.
+        ConfigError: `total_steps` is unknown or below 1, or `warmup_ratio` is out of range.
 
     Example:
         >>> import torch
@@ -35,12 +38,11 @@ def warmup_cosine(
         [0.0, 1.0, 0.413]
     """
     if total_steps is None or isinstance(total_steps, bool) or not 1 <= total_steps < math.inf:
-        raise ValueError(
+        raise ConfigError(
             f"The warm-up + cosine schedule needs the run's optimizer steps; got total_steps="
             f"{total_steps!r}. Set trainer.max_steps (or max_epochs), or "
             "method.scheduler.total_steps."
         )
-    if not 0.0 <= warmup_ratio < 1.0:
-        raise ValueError(f"method.scheduler.warmup_ratio must lie in [0, 1); got {warmup_ratio}.")
+    check_number("method.scheduler.warmup_ratio", warmup_ratio, 0, 1, open_high=True)
     warmup = math.ceil(warmup_ratio * total_steps)
     return get_cosine_schedule_with_warmup(optimizer, warmup, int(total_steps))

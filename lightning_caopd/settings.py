@@ -1,30 +1,59 @@
-"""The method's knobs, grouped as a user looks for them.
+"""The run's knobs without a model of their own, grouped as a user looks for them.
 
-Rollouts (``method.rollout``) and the loss (``method.loss``). Each group is checked when it is
-built, so a bad value stops the run at start-up with one sentence naming the key, the value
-and what is allowed.
+Rollouts (``method.rollout``), the loss (``method.loss``) and the evaluation (``eval``). Each
+group is checked when it is built (`lightning_caopd.checks`), so a bad value stops the run at
+start-up (`lightning_caopd.runner.check_config`) with one sentence naming the key, the value and
+what is allowed. The other groups a user sets are checked by the objects they build, the same
+way: the confidence targets (`lightning_caopd.calibration.CaOPD`), the teacher's template
+(`lightning_caopd.templates.TeacherTemplate`), the rollout engine (`lightning_caopd.engines`),
+the callbacks (`lightning_caopd.callbacks`) and the data (`lightning_caopd.data`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 
+from omegaconf import OmegaConf
+
+from lightning_caopd.checks import check_bool, check_choice, check_int, check_number
+from lightning_caopd.divergence.token import KINDS as DIVERGENCES
 from lightning_caopd.divergence.topk import SUPPORTS
-from lightning_caopd.errors import ConfigError, out_of_range
+from lightning_caopd.errors import ConfigError
+from lightning_caopd.readout import READOUTS
+from lightning_caopd.reference import PROTOCOLS
+from lightning_caopd.rollout import PROMPT_OVERFLOW
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-PROMPT_OVERFLOW = ("truncate", "skip")
+# eval.scoring: this project's confidence parser and ECE bins, or the reference scorer's
+SCORING = ("default", "reference")
+# eval.engine: the student's own greedy decoding, or greedy vLLM (the reference's evaluation)
+EVAL_ENGINES = ("hf", "vllm")
 
 
-def _fail(key: str, value: object, allowed: str) -> None:
-    raise out_of_range(key, value, allowed)
+def from_config(cls: type, values: Mapping | None, key: str):
+    """`cls` (a settings dataclass) built from a config node or dict, its keys named in errors.
 
+    Args:
+        cls: `RolloutSettings`, `LossSettings` or `EvalSettings`.
+        values: the node's keys (None or empty: the defaults; an instance of `cls`: itself); a
+            ``_target_`` is ignored.
+        key: the node's dotted config key (``eval``), for the messages.
 
-def _int(key: str, value: object, low: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        _fail(key, value, f"an integer >= {low}" + (" or null" if allow_none else ""))
+    Raises:
+        ConfigError: a key `cls` does not have, or a value out of range.
+    """
+    if isinstance(values, cls):
+        return values
+    if OmegaConf.is_config(values):
+        values = OmegaConf.to_container(values, resolve=True)
+    values = {k: v for k, v in (values or {}).items() if k != "_target_"}
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"{key} has no setting {', '.join(unknown)}: its settings are {', '.join(known)}."
+        )
+    return cls(**values)
 
 
 @dataclass
@@ -56,17 +85,13 @@ class RolloutSettings:
     row_seeds: bool = False
 
     def __post_init__(self) -> None:
-        _int("method.rollout.num_rollouts", self.num_rollouts, 1)
-        _int("method.rollout.max_new_tokens", self.max_new_tokens, 1)
-        _int("method.rollout.max_prompt_length", self.max_prompt_length, 1, allow_none=True)
-        if not isinstance(self.temperature, int | float) or not self.temperature > 0:
-            _fail("method.rollout.temperature", self.temperature, "a number > 0")
-        if not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
-            _fail("method.rollout.top_p", self.top_p, "a number in (0, 1]")
-        if not isinstance(self.row_seeds, bool):
-            _fail("method.rollout.row_seeds", self.row_seeds, "true or false")
-        if self.prompt_overflow not in PROMPT_OVERFLOW:
-            _fail("method.rollout.prompt_overflow", self.prompt_overflow, "'truncate' or 'skip'")
+        check_int("method.rollout.num_rollouts", self.num_rollouts, 1)
+        check_int("method.rollout.max_new_tokens", self.max_new_tokens, 1)
+        check_int("method.rollout.max_prompt_length", self.max_prompt_length, 1, allow_none=True)
+        check_number("method.rollout.temperature", self.temperature, 0, open_low=True)
+        check_number("method.rollout.top_p", self.top_p, 0, 1, open_low=True)
+        check_choice("method.rollout.prompt_overflow", self.prompt_overflow, PROMPT_OVERFLOW)
+        check_bool("method.rollout.row_seeds", self.row_seeds)
 
 
 @dataclass
@@ -108,27 +133,84 @@ class LossSettings:
     topk_support: str = "teacher"
 
     def __post_init__(self) -> None:
-        if self.divergence not in DIVERGENCES:
-            _fail("method.loss.divergence", self.divergence, f"one of {DIVERGENCES}")
-        if not isinstance(self.jsd_beta, int | float) or not 0 <= self.jsd_beta <= 1:
-            _fail("method.loss.jsd_beta", self.jsd_beta, "a number in [0, 1]")
-        _int("method.loss.skip_first_tokens", self.skip_first_tokens, 0)
-        _int("method.loss.chunk_size", self.chunk_size, 1, allow_none=True)
-        _int("method.loss.topk", self.topk, 1, allow_none=True)
-        if not isinstance(self.fused, bool):
-            _fail("method.loss.fused", self.fused, "true or false")
-        if (
-            isinstance(self.temperature, bool)
-            or not isinstance(self.temperature, int | float)
-            or not 0 < self.temperature < float("inf")
-        ):
-            _fail("method.loss.temperature", self.temperature, "a finite number > 0")
-        if self.topk_support not in SUPPORTS:
-            _fail("method.loss.topk_support", self.topk_support, f"one of {SUPPORTS}")
+        check_choice("method.loss.divergence", self.divergence, DIVERGENCES)
+        check_number("method.loss.jsd_beta", self.jsd_beta, 0, 1)
+        check_int("method.loss.skip_first_tokens", self.skip_first_tokens, 0)
+        check_int("method.loss.chunk_size", self.chunk_size, 1, allow_none=True)
+        check_bool("method.loss.share_prompt_prefix", self.share_prompt_prefix)
+        check_int("method.loss.topk", self.topk, 1, allow_none=True)
+        check_bool("method.loss.fused", self.fused)
+        check_number("method.loss.temperature", self.temperature, 0, open_low=True)
+        check_choice("method.loss.topk_support", self.topk_support, SUPPORTS)
         if self.topk is not None and self.chunk_size is not None and not self.fused:
             raise ConfigError(
                 f"method.loss.chunk_size={self.chunk_size} with method.loss.topk={self.topk}: the "
                 "top-k + tail divergence on materialised logits is not chunked. Set "
                 "method.loss.fused=true (chunked from hidden states) or "
                 "method.loss.chunk_size=null."
+            )
+
+
+@dataclass
+class EvalSettings:
+    """The held-out evaluation (``eval``): greedy, without privileged context.
+
+    The defaults here are the ones a run gets (``conf/train.yaml`` lists the same keys, with
+    what they mean, for the command line; a test keeps the two equal).
+
+    Args:
+        max_new_tokens: the completion length limit.
+        max_prompt_length: a longer prompt loses its left end (counted in the log); None: no
+            limit.
+        do_sample: sample instead of decoding greedily.
+        temperature: the sampling temperature with ``do_sample`` (> 0).
+        scoring: ``default``, this project's confidence parser and ECE bins
+            (`lightning_caopd.confidence`), or ``reference``, the released CaOPD scorer's.
+        protocol: ``default``, this project's evaluation, or ``reference``, the released
+            code's end to end (`lightning_caopd.reference`).
+        confidence_readout: ``greedy``, the confidence as written, or ``expected``, the mean
+            of the model's confidence distribution (`lightning_caopd.readout`; needs
+            ``scoring=default``).
+        engine: ``hf``, the student generates its answers, or ``vllm``, greedy vLLM.
+        teacher_conditioned: also score the teacher with the privileged context
+            (distillation runs only).
+    """
+
+    max_new_tokens: int = 32
+    max_prompt_length: int | None = 2048
+    do_sample: bool = False
+    temperature: float = 1.0
+    scoring: str = "default"
+    protocol: str = "default"
+    confidence_readout: str = "greedy"
+    engine: str = "hf"
+    teacher_conditioned: bool = True
+
+    def __post_init__(self) -> None:
+        check_int("eval.max_new_tokens", self.max_new_tokens, 1)
+        check_int("eval.max_prompt_length", self.max_prompt_length, 1, allow_none=True)
+        check_bool("eval.do_sample", self.do_sample)
+        check_number("eval.temperature", self.temperature, 0, open_low=True)
+        check_choice("eval.scoring", self.scoring, SCORING)
+        check_choice("eval.protocol", self.protocol, PROTOCOLS)
+        check_choice(
+            "eval.confidence_readout",
+            self.confidence_readout,
+            READOUTS,
+            "(greedy: the confidence as written; expected: the mean of the model's confidence "
+            "distribution)",
+        )
+        check_choice(
+            "eval.engine",
+            self.engine,
+            EVAL_ENGINES,
+            "(hf: the student's own greedy decoding; vllm: greedy vLLM, as the reference's "
+            "evaluation scripts)",
+        )
+        check_bool("eval.teacher_conditioned", self.teacher_conditioned)
+        if self.confidence_readout == "expected" and self.scoring != "default":
+            raise ConfigError(
+                "eval.confidence_readout=expected reads the confidence this project's parser "
+                f"finds; eval.scoring={self.scoring!r} parses another way. Use "
+                "eval.scoring=default with it."
             )

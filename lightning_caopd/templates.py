@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from lightning_caopd.checks import check_choice, check_format
 from lightning_caopd.confidence import strip_confidence
 from lightning_caopd.tasks.base import last_user_index
 
@@ -71,22 +72,13 @@ class TeacherTemplate:
     note_only_format: str | None = None
 
     def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise ValueError(
-                f"Unknown teacher template source {self.source!r}; choose one of {SOURCES} "
-                "(set `method.template.source`)."
+        check_choice("method.template.source", self.source, SOURCES)
+        check_format("method.template.user_format", self.user_format, ["prompt", "context", "note"])
+        check_format("method.template.note_format", self.note_format, ["note"])
+        if self.note_only_format is not None:
+            check_format(
+                "method.template.note_only_format", self.note_only_format, ["prompt", "note"]
             )
-        for field in ("{prompt}", "{context}", "{note}"):
-            if field not in self.user_format:
-                raise ValueError(
-                    f"`method.template.user_format` must contain {field}; got {self.user_format!r}."
-                )
-        for field in ("{prompt}", "{note}"):
-            if self.note_only_format is not None and field not in self.note_only_format:
-                raise ValueError(
-                    f"`method.template.note_only_format` must contain {field}; got "
-                    f"{self.note_only_format!r}."
-                )
 
     @property
     def per_rollout(self) -> bool:

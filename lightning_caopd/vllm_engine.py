@@ -34,8 +34,9 @@ from collections.abc import Iterator
 import torch
 
 from lightning_caopd.checkpointing import untouched_rng
+from lightning_caopd.checks import check_bool, check_int, check_number
 from lightning_caopd.engines import RolloutEngine
-from lightning_caopd.errors import ConfigError, out_of_range
+from lightning_caopd.errors import ConfigError
 from lightning_caopd.models import full_state_dict
 from lightning_caopd.rollout import Rollouts
 
@@ -134,18 +135,15 @@ class VLLMEngine(RolloutEngine):
         importance_sampling_cap: float = 2.0,
         llm_kwargs: dict | None = None,
     ) -> None:
-        if not isinstance(gpu_memory_utilization, int | float) or not (
-            0 < gpu_memory_utilization <= 1
-        ):
-            raise out_of_range(
-                "method.engine.gpu_memory_utilization", gpu_memory_utilization, "in (0, 1]"
-            )
-        if not isinstance(cpu_kv_cache_gib, int | float) or not cpu_kv_cache_gib > 0:
-            raise out_of_range("method.engine.cpu_kv_cache_gib", cpu_kv_cache_gib, "a number > 0")
-        if not isinstance(importance_sampling_cap, int | float) or not importance_sampling_cap > 1:
-            raise out_of_range(
-                "method.engine.importance_sampling_cap", importance_sampling_cap, "a number > 1"
-            )
+        key = "method.engine."
+        check_number(key + "gpu_memory_utilization", gpu_memory_utilization, 0, 1, open_low=True)
+        check_number(key + "cpu_kv_cache_gib", cpu_kv_cache_gib, 0, open_low=True)
+        check_bool(key + "enable_sleep_mode", enable_sleep_mode, allow_none=True)
+        check_int(key + "max_model_len", max_model_len, 1, allow_none=True)
+        check_int(key + "seed", seed, 0)
+        check_bool(key + "enforce_eager", enforce_eager, allow_none=True)
+        check_bool(key + "importance_sampling", importance_sampling)
+        check_number(key + "importance_sampling_cap", importance_sampling_cap, 1, open_low=True)
         self.gpu_memory_utilization = float(gpu_memory_utilization)
         self.cpu_kv_cache_gib = float(cpu_kv_cache_gib)
         self.enable_sleep_mode = enable_sleep_mode

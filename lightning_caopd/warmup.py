@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_caopd.calibration import CaOPD
+from lightning_caopd.checks import check_int, check_number
 from lightning_caopd.errors import ConfigError
 from lightning_caopd.models import build_char_tokenizer, save_model
 from lightning_caopd.module import StudentSystem
@@ -233,7 +235,9 @@ class WarmupModule(StudentSystem):
         chat_template_kwargs: dict | None = None,
     ) -> None:
         super().__init__(student, tokenizer, task, optimizer, scheduler, eval, chat_template_kwargs)
-        self.save_hyperparameters({"name": name, "save_dir": str(save_dir), "eval": self.eval_cfg})
+        self.save_hyperparameters(
+            {"name": name, "save_dir": str(save_dir), "eval": asdict(self.eval_cfg)}
+        )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Cross-entropy on the target tokens (labels are -100 elsewhere)."""
@@ -325,18 +329,41 @@ class FormatWarmupModule(WarmupModule):
             name,
             chat_template_kwargs,
         )
+        self.check_method(
+            {
+                "confidences": confidences,
+                "teacher_share": teacher_share,
+                "confidence_steps": confidence_steps,
+            }
+        )
         self.template = template or TeacherTemplate()
         self.caopd = caopd or CaOPD()
         self.confidences = [float(c) for c in confidences]
-        if not self.confidences or not all(0.0 <= c <= 1.0 for c in self.confidences):
-            raise ConfigError(
-                f"method.confidences={self.confidences} must be a non-empty list of values in "
-                "[0, 1]: the confidences the warm-up's student targets state."
-            )
         self.teacher_share = teacher_share
         self.confidence_steps = confidence_steps
         self.seed = seed
         self._accepts: dict[tuple[str, str], bool] = {}  # (id, demo) -> the verifier's verdict
+
+    @staticmethod
+    def check_method(method: Mapping) -> None:
+        """The warm-up's own values among `method` (the ``method`` node), before any model loads.
+
+        Raises:
+            ConfigError: naming the key, the value and what is allowed.
+        """
+        if "confidences" in method:
+            confidences = list(method["confidences"])
+            if not confidences:
+                raise ConfigError(
+                    "method.confidences=[] is out of range: it must be a non-empty list of "
+                    "numbers in [0, 1] (the confidences the warm-up's student targets state)."
+                )
+            for c in confidences:
+                check_number("method.confidences", c, 0, 1)
+        if "teacher_share" in method:
+            check_number("method.teacher_share", method["teacher_share"], 0, 1)
+        if "confidence_steps" in method:
+            check_int("method.confidence_steps", method["confidence_steps"], 1)
 
     def verified(self, items: list[dict]) -> tuple[list[dict], int]:
         """`verified_items`, each demonstration verified once per run (every epoch repeats them)."""

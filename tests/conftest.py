@@ -74,3 +74,15 @@ def make_cfg():
 def conf_dir() -> str:
     """The conf/ directory, for `initialize_config_dir` around a run that composes configs."""
     return CONF_DIR
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    """Fail the test if a run gets as far as building a base or loading weights."""
+    from lightning_caopd import runner
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model or base was loaded before the config was checked")
+
+    monkeypatch.setattr(runner, "prepare_base", loaded)
+    monkeypatch.setattr(runner, "build_student", loaded)

@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from lightning_caopd.calibration import CaOPD, empirical_accuracy
+from lightning_caopd.calibration import CaOPD, ConfidenceTargets, empirical_accuracy
 from lightning_caopd.confidence import parse_confidence
+from lightning_caopd.errors import ConfigError
 from lightning_caopd.models import build_char_tokenizer
-from lightning_caopd.runner import run
 from lightning_caopd.templates import with_confidence
 
 TOK = build_char_tokenizer()
@@ -161,19 +161,18 @@ def test_cut_first_caps_the_completion_at_the_rollout_length():
     assert short == ids(line, eos=False)[:5] + [TOK.eos_token_id]
 
 
-def test_cut_out_of_range_is_a_clear_error():
-    with pytest.raises(ValueError, match="method.targets.cut='middle' is out of range"):
+def test_targets_out_of_range_are_config_errors():
+    with pytest.raises(ConfigError, match="method.targets.cut='middle' is out of range"):
         CaOPD(cut="middle")
-
-
-def test_caopd_with_one_rollout_is_a_clear_error(toy_base, tiny_overrides, make_cfg, tmp_path):
-    overrides = [
-        "experiment=toy",
-        "method=caopd",
-        f"model.path={toy_base}",
-        *tiny_overrides,
-        "method.rollout.num_rollouts=1",
-    ]
-    cfg = make_cfg(overrides, tmp_path)
-    with pytest.raises(Exception, match="K >= 2"):
-        run(cfg)
+    with pytest.raises(ConfigError, match="note_only_rows=true needs method.targets.add_note=true"):
+        CaOPD(note_only_rows=True, add_note=False)
+    with pytest.raises(ConfigError, match="method.targets.add_note='yes' is out of range"):
+        CaOPD(add_note="yes")
+    with pytest.raises(
+        ConfigError, match=r"confidence_format='Confidence: 1.00'.*lacks \['p_acc'\]"
+    ):
+        CaOPD(confidence_format="Confidence: 1.00")
+    # (the start-up pass checks K against the targets: tests/test_schema.py)
+    with pytest.raises(ConfigError, match=r"K >= 2 .*method.rollout.num_rollouts=1\."):
+        CaOPD().check(1)
+    ConfidenceTargets().check(1)  # OPD needs no P_acc

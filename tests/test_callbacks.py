@@ -15,7 +15,7 @@ import torch
 
 from lightning_caopd import callbacks
 from lightning_caopd.callbacks import RolloutTable, TeacherSuccess, ema_update, rollout_entropies
-from lightning_caopd.errors import NonFiniteError
+from lightning_caopd.errors import ConfigError, NonFiniteError
 from lightning_caopd.models import build_char_tokenizer
 from lightning_caopd.runner import run
 from tests.fixtures.runs import logged
@@ -56,8 +56,10 @@ def test_progress_bar_of_a_step_bounded_run_reads_training_not_epoch_0_of_minus_
 
 
 def test_tracker_rejects_bad_options():
-    with pytest.raises(ValueError, match="rows"):
+    with pytest.raises(ConfigError, match="callbacks.rollout_table.rows=0 is out of range"):
         RolloutTable(rows=0)
+    with pytest.raises(ConfigError, match="callbacks.rollout_table.every=-1 is out of range"):
+        RolloutTable(every=-1)
 
 
 class InjectNaN(L.Callback):
@@ -252,7 +254,7 @@ def test_step_scalars_are_computed_and_logged_every_log_every_n_steps(
 
 def test_teacher_success_rejects_bad_options():
     out_of_range = r"every_n_steps=0 is out of range: it must be an integer >= 1"
-    with pytest.raises(ValueError, match=out_of_range):
+    with pytest.raises(ConfigError, match=out_of_range):
         TeacherSuccess(every_n_steps=0)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from tests.fixtures.configs import CONF_DIR
 
@@ -194,7 +195,7 @@ def test_k_ablation_refuses_a_k_that_does_not_divide_32(make_cfg, tmp_path):
     cfg = make_cfg(
         ["experiment=paper/k_ablation", "data.path=x", "method.rollout.num_rollouts=3"], tmp_path
     )
-    with pytest.raises(Exception, match="3 does not divide 32") as raised:
+    with pytest.raises(InterpolationResolutionError, match="3 does not divide 32") as raised:
         OmegaConf.select(cfg, "trainer.accumulate_grad_batches")
     assert user_message(raised.value).startswith("Error: ${caopd.div:32,3}: 3 does not divide")
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lightning_caopd.calibration import CaOPD
+from lightning_caopd.errors import ConfigError
 from lightning_caopd.models import apply_lora, build_char_tokenizer, build_tiny_llama
 from lightning_caopd.module import DistillationModule
 from lightning_caopd.rollout import Rollouts
@@ -36,7 +37,7 @@ def test_training_step_skips_overflowing_prompts(toy_base, tiny_overrides, make_
     module, _ = build(make_cfg([*overrides, "method.rollout.max_prompt_length=4096"], tmp_path))
     loss = module.training_step(batch, 0)["loss"]
     assert loss.requires_grad and torch.isfinite(loss)
-    with pytest.raises(Exception, match="prompt_overflow='drop' is out of range"):
+    with pytest.raises(ConfigError, match="prompt_overflow='drop' is out of range"):
         build(make_cfg([*overrides, "method.rollout.prompt_overflow=drop"], tmp_path))
 
 
@@ -212,9 +213,9 @@ def test_fused_divergence_with_per_rollout_teacher_prompts_and_masked_rows():
 def test_loss_options_refused_at_start_up():
     with pytest.raises(ValueError, match="exceeds the vocabulary"):
         _module(topk=100_000)
-    with pytest.raises(ValueError, match="is not chunked"):
+    with pytest.raises(ConfigError, match="is not chunked"):
         LossSettings(topk=5, chunk_size=8)
-    with pytest.raises(ValueError, match="fused='yes' is out of range: it must be true or false"):
+    with pytest.raises(ConfigError, match="fused='yes' is out of range: it must be true or false"):
         LossSettings(fused="yes")
     with pytest.raises(ValueError, match=r"topk_support='both' is out of range: it must be one of"):
         LossSettings(topk=3, topk_support="both")
@@ -280,7 +281,7 @@ def test_loss_temperature_divides_both_models_logits(path):
 
 @pytest.mark.parametrize("value", [0, -1.0, float("inf"), True, "hot"])
 def test_loss_temperature_out_of_range_is_refused(value):
-    with pytest.raises(ValueError, match=r"method\.loss\.temperature=.* is out of range"):
+    with pytest.raises(ConfigError, match=r"method\.loss\.temperature=.* is out of range"):
         LossSettings(temperature=value)
 
 
@@ -364,7 +365,7 @@ def test_caopd_sdpo_note_only_rows_stay_in_the_loss_with_the_note_as_their_conte
     module.sample_rollouts = lambda prompts, seeds=None: roll
     module.training_step(batch, 0)
     assert logged_stats["train/sdpo_masked_frac"].item() == 0
-    with pytest.raises(ValueError, match="add_note=true"):
+    with pytest.raises(ConfigError, match="add_note=true"):
         CaOPD(note_only_rows=True, add_note=False)
 
 
@@ -544,7 +545,7 @@ def test_teacher_is_evaluated_on_the_demonstration_without_caopd_note(source):
 
 def test_teacher_evaluation_and_samples_leave_the_random_state_alone():
     module = _module()
-    module.eval_cfg["do_sample"] = True  # a sampled evaluation draws random numbers
+    module.eval_cfg.do_sample = True  # a sampled evaluation draws random numbers
     items = make_items(2, 0, "eval", 0)
     prompts = module.student_prompts(items)[1]
     for call in (lambda: module.evaluate_teacher(items), lambda: module.sample_teacher(prompts)):
@@ -568,7 +569,7 @@ def test_teacher_samples_k_per_group_prompt_and_one_per_rollout_prompt():
 
 
 def test_teacher_conditioned_switch_is_checked_at_start_up():
-    with pytest.raises(ValueError, match=r"eval.teacher_conditioned='yes' must be true or false"):
+    with pytest.raises(ConfigError, match=r"eval.teacher_conditioned='yes' is out of range"):
         DistillationModule(
             student=build_tiny_llama(hidden_size=16, num_hidden_layers=1, num_attention_heads=2),
             tokenizer=build_char_tokenizer(),

@@ -137,15 +137,7 @@ def test_a_verifier_that_raises_counts_as_wrong_or_stops_the_run(caplog):
 # --- mistakes: each named, and reported before any model or base loads ------------------------
 
 
-@pytest.fixture
-def no_models(monkeypatch):
-    """Fail the test if a run gets as far as building a base or loading weights."""
-
-    def loaded(*args, **kwargs):
-        raise AssertionError("a model or base was loaded before the mistake was reported")
-
-    monkeypatch.setattr(runner, "prepare_base", loaded)
-    monkeypatch.setattr(runner, "build_student", loaded)
+# (`no_models`, tests/conftest.py: the run fails the test if it loads a model)
 
 
 def _bad_rows(tmp_path: Path, text: str) -> Path:

@@ -9,8 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lightning_caopd.errors import ConfigError
-from lightning_caopd.readout import GRID, check_readout, expected_confidences
+from lightning_caopd.readout import GRID, expected_confidences
 from lightning_caopd.rollout import encode_chats
+from lightning_caopd.settings import EvalSettings
 from lightning_caopd.tasks.toy import ToyTask, make_items
 from tests.fixtures.tiny_models import save_tiny_hf_model
 
@@ -55,12 +56,12 @@ def test_expected_confidence_is_the_grid_mean_of_each_values_sequence_probabilit
 
 
 def test_readout_settings_are_checked():
-    check_readout("greedy", "reference")
-    check_readout("expected")
-    with pytest.raises(ConfigError, match="eval.confidence_readout"):
-        check_readout("mode")
+    EvalSettings(confidence_readout="greedy", scoring="reference")
+    EvalSettings(confidence_readout="expected")
+    with pytest.raises(ConfigError, match="eval.confidence_readout='mode' is out of range"):
+        EvalSettings(confidence_readout="mode")
     with pytest.raises(ConfigError, match="eval.scoring=default"):
-        check_readout("expected", "reference")
+        EvalSettings(confidence_readout="expected", scoring="reference")
 
 
 def test_evaluation_states_the_expected_confidence_and_keeps_the_written_one(tiny_dir, monkeypatch):

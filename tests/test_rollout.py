@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from lightning_caopd.errors import ConfigError
 from lightning_caopd.models import build_char_tokenizer, build_tiny_llama
 from lightning_caopd.rollout import (
     build_batch,
@@ -142,7 +143,7 @@ def test_prompt_longer_than_the_limit_is_truncated_or_skipped_and_counted():
     assert n == 1 and cut[0] == full[0] and cut[1] == full[1][-limit:]  # left end dropped
     skipped, n = encode_chats(tok, chats, limit, "skip")
     assert n == 1 and skipped == [full[0], None]
-    with pytest.raises(ValueError, match="'truncate' or 'skip'"):
+    with pytest.raises(ConfigError, match="prompt_overflow='drop' is out of range"):
         encode_chats(tok, chats, limit, "drop")
 
 

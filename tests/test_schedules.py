@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
+from lightning_caopd.errors import ConfigError
 from lightning_caopd.schedules import warmup_cosine
 
 
@@ -26,5 +27,5 @@ def test_matches_transformers_with_ten_percent_warmup_rounded_up(total):
 
 @pytest.mark.parametrize("total, ratio", [(None, 0.1), (0, 0.1), (math.inf, 0.1), (10, 1.0)])
 def test_unknown_length_or_bad_ratio_is_refused(total, ratio):
-    with pytest.raises(ValueError, match="total_steps|warmup_ratio"):
+    with pytest.raises(ConfigError, match="total_steps|warmup_ratio"):
         warmup_cosine(_optimizer(), total_steps=total, warmup_ratio=ratio)

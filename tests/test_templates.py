@@ -2,6 +2,7 @@
 
 import pytest
 
+from lightning_caopd.errors import ConfigError
 from lightning_caopd.templates import TeacherTemplate, strip_thinking
 
 
@@ -33,10 +34,12 @@ def test_correct_solution_template_uses_first_correct_rollout_or_falls_back():
 
 
 def test_bad_template_config_is_a_clear_error():
-    with pytest.raises(ValueError, match="source"):
+    with pytest.raises(ConfigError, match="method.template.source='oracle' is out of range"):
         TeacherTemplate(source="oracle")
-    with pytest.raises(ValueError, match="context"):
+    with pytest.raises(ConfigError, match=r"method.template.user_format=.*lacks \['context'\]"):
         TeacherTemplate(user_format="{prompt}{note}")
+    with pytest.raises(ConfigError, match=r"user_format=.*only \{prompt\}, \{context\}, \{note\}"):
+        TeacherTemplate(user_format="{prompt}{context}{note}{answer}")
 
 
 SDPO_FORMAT = (
@@ -110,7 +113,7 @@ def test_note_only_prompt_is_the_feedback_reprompt_or_the_user_format_without_co
     assert toy.note_only_messages(student, "NOTE")[1]["content"] == (
         "Reference solution:\n\nNOTE\n\nQ?"
     )
-    with pytest.raises(ValueError, match=r"note_only_format` must contain \{note\}"):
+    with pytest.raises(ConfigError, match=r"note_only_format='\{prompt\} only'.*lacks \['note'\]"):
         TeacherTemplate(note_only_format="{prompt} only")
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from lightning_caopd.data.base import ItemDataModule, check_int
+from lightning_caopd.checks import check_int
+from lightning_caopd.data.base import ItemDataModule
 from lightning_caopd.data.toy import ToyWarmupDataModule
 from lightning_caopd.tasks.arith import make_items
 

@@ -9,29 +9,11 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampler
 
 from lightning_caopd.checkpointing import ResumableDataLoader
-from lightning_caopd.errors import out_of_range
+from lightning_caopd.checks import check_bool, check_int
 
 
 def _as_list(rows: list) -> list:
     return rows
-
-
-def check_int(key: str, value: object, low: int, allow_none: bool = False) -> None:
-    """Stop at start-up unless `value` is an integer >= `low` (or None where allowed).
-
-    Args:
-        key: the dotted config key, for the message (``data.batch_size``).
-        value: its value.
-        low: the smallest value allowed.
-        allow_none: whether null is allowed.
-
-    Raises:
-        ConfigError: naming the key, the value and the allowed range.
-    """
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise out_of_range(key, value, f"an integer >= {low}" + (" or null" if allow_none else ""))
 
 
 class RankSlices(Sampler[int]):
@@ -72,6 +54,7 @@ class ItemDataModule(L.LightningDataModule):
         super().__init__()
         check_int("data.batch_size", batch_size, 1)
         check_int("data.eval_batch_size", eval_batch_size, 1)
+        check_bool("data.shuffle", shuffle)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.shuffle = shuffle

@@ -25,7 +25,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from lightning_caopd.data.base import ItemDataModule, check_int
+from lightning_caopd.checks import check_int
+from lightning_caopd.data.base import ItemDataModule
 from lightning_caopd.data.loading import chat_messages, load_rows, row_error
 from lightning_caopd.errors import DataError
 from lightning_caopd.tasks import science, tooluse

@@ -6,7 +6,8 @@ import random
 
 from torch.utils.data import DataLoader, Sampler
 
-from lightning_caopd.data.base import ItemDataModule, check_int
+from lightning_caopd.checks import check_int
+from lightning_caopd.data.base import ItemDataModule
 from lightning_caopd.tasks.toy import make_items
 
 

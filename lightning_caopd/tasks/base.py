@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 
-from lightning_caopd.errors import ConfigError, VerifierError
+from lightning_caopd.checks import check_choice
+from lightning_caopd.errors import VerifierError
 
 log = logging.getLogger(__name__)
 ON_VERIFIER_ERROR = ("count", "raise")
@@ -14,11 +15,8 @@ VERIFIERS = ("project", "reference")  # data.task.verifier of the domains the re
 
 
 def check_verifier(verifier: str) -> None:
-    """Refuse an unknown verifier with a sentence naming the choices."""
-    if verifier not in VERIFIERS:
-        raise ValueError(
-            f"verifier must be one of {VERIFIERS}; got {verifier!r} (set `data.task.verifier`)."
-        )
+    """Refuse an unknown ``data.task.verifier`` with a sentence naming the choices."""
+    check_choice("data.task.verifier", verifier, VERIFIERS)
 
 
 def last_user_index(messages: list[dict]) -> int:
@@ -52,11 +50,7 @@ class Task(ABC):
     reports_answer_rate: bool = False
 
     def __init__(self, confidence_instruction: str, instruction_role: str = "user") -> None:
-        if instruction_role not in ("user", "system"):
-            raise ValueError(
-                f"instruction_role must be 'user' or 'system'; got {instruction_role!r} "
-                "(set `data.task.instruction_role`)."
-            )
+        check_choice("data.task.instruction_role", instruction_role, ("user", "system"))
         self.confidence_instruction = confidence_instruction
         self.instruction_role = instruction_role
 
@@ -141,8 +135,9 @@ def task_scores(task: Task, completions: list[str], items: list[dict]) -> tuple[
 
 def check_on_verifier_error(value: str) -> None:
     """Refuse an unknown ``data.task.on_verifier_error``."""
-    if value not in ON_VERIFIER_ERROR:
-        raise ConfigError(
-            f"data.task.on_verifier_error={value!r} is out of range: it must be 'count' (score "
-            "0 and go on) or 'raise' (stop the run)."
-        )
+    check_choice(
+        "data.task.on_verifier_error",
+        value,
+        ON_VERIFIER_ERROR,
+        "(count: score 0 and go on; raise: stop the run)",
+    )

@@ -19,6 +19,7 @@ import importlib
 import re
 from collections.abc import Callable
 
+from lightning_caopd.checks import check_number
 from lightning_caopd.errors import ConfigError
 from lightning_caopd.tasks.base import Task, check_on_verifier_error
 
@@ -111,8 +112,7 @@ class FunctionTask(Task):
             if parse_answer is None or callable(parse_answer)
             else import_function(parse_answer, "data.task.parse_answer")
         )
-        if isinstance(pass_score, bool) or not 0.0 < float(pass_score) <= 1.0:
-            raise ConfigError(f"data.task.pass_score={pass_score!r} must be in (0, 1].")
+        check_number("data.task.pass_score", pass_score, 0, 1, open_low=True)
         check_on_verifier_error(on_verifier_error)
         self.categories = tuple(categories)
         self.pass_score = float(pass_score)

@@ -45,6 +45,7 @@ import re
 from pathlib import Path
 
 from lightning_caopd import reference
+from lightning_caopd.checks import check_choice
 from lightning_caopd.data.loading import chat_messages, row_error
 from lightning_caopd.tasks.base import Task, check_verifier
 
@@ -134,12 +135,8 @@ def _lenient(completion: str) -> str | None:
 
 
 def _check_format(answer_format: str) -> None:
-    """Refuse an unknown answer format with a sentence naming the choices."""
-    if answer_format not in ANSWER_FORMATS:
-        raise ValueError(
-            f"answer_format must be one of {ANSWER_FORMATS}; got {answer_format!r} "
-            "(set `data.task.answer_format`)."
-        )
+    """Refuse an unknown ``data.task.answer_format`` with a sentence naming the choices."""
+    check_choice("data.task.answer_format", answer_format, ANSWER_FORMATS)
 
 
 def extract_answer(completion: str, answer_format: str = "tag") -> str | None:
@@ -155,7 +152,7 @@ def extract_answer(completion: str, answer_format: str = "tag") -> str | None:
         The letter, following the rules in the module docstring, or None.
 
     Raises:
-        ValueError: `answer_format` is neither ``"tag"`` nor ``"lenient"``.
+        ConfigError: `answer_format` is neither ``"tag"`` nor ``"lenient"``.
 
     Examples:
         >>> extract_answer("<answer>A</answer> wait, no: <answer> (c) </answer>")
@@ -321,7 +318,7 @@ class ScienceTask(Task):
             ``(B)`` or ``B.`` is wrong there, right here).
 
     Raises:
-        ValueError: `answer_format` or `verifier` is not one of its choices.
+        ConfigError: `answer_format` or `verifier` is not one of its choices.
     """
 
     reports_answer_rate = True

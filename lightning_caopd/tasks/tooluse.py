@@ -35,8 +35,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lightning_caopd import reference
+from lightning_caopd.checks import check_bool
 from lightning_caopd.data.loading import row_error
-from lightning_caopd.errors import DataError
+from lightning_caopd.errors import ConfigError, DataError
 from lightning_caopd.tasks.base import Task, check_verifier, last_user_index
 
 MAX_NESTING = 100
@@ -353,7 +354,7 @@ class ToolUseTask(Task):
             as text, the name is the rest of the first ``Action:`` line).
 
     Raises:
-        ValueError: `verifier` is not one of its choices, or `strict` with the reference's.
+        ConfigError: `verifier` is not one of its choices, or `strict` with the reference's.
     """
 
     categories = ("tooluse",)
@@ -366,8 +367,9 @@ class ToolUseTask(Task):
     ) -> None:
         super().__init__(confidence_instruction)
         check_verifier(verifier)
+        check_bool("data.task.strict", strict)
         if strict and verifier == "reference":
-            raise ValueError(
+            raise ConfigError(
                 "data.task.strict=true scores every call, the reference's verifier the first "
                 "only: set data.task.verifier=project to score every call."
             )

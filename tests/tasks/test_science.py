@@ -7,7 +7,7 @@ import pytest
 from hydra.utils import instantiate
 
 from lightning_caopd.data.loading import read_jsonl
-from lightning_caopd.errors import DataError
+from lightning_caopd.errors import ConfigError, DataError
 from lightning_caopd.models import load_tokenizer
 from lightning_caopd.rollout import encode_chats
 from lightning_caopd.tasks import science
@@ -98,9 +98,11 @@ def test_a_bare_letter_is_no_answer_in_the_tag_format(completion, letter):
 
 
 def test_science_unknown_answer_format_is_refused():
-    with pytest.raises(ValueError, match=r"answer_format.*'tag', 'lenient'.*'strict'"):
+    with pytest.raises(ConfigError, match=r"answer_format='strict' is out of.*'tag', 'lenient'"):
         science.ScienceTask(answer_format="strict")
-    with pytest.raises(ValueError, match="data.task.answer_format"):
+    with pytest.raises(ConfigError, match="data.task.verifier='mine' is out of range"):
+        science.ScienceTask(verifier="mine")
+    with pytest.raises(ConfigError, match="data.task.answer_format"):
         science.extract_answer("<answer>A</answer>", answer_format="Tag")
 
 
