@@ -248,17 +248,19 @@ def caopd_fit_contestant(args, model_dir, items):
 
 
 class _StepTimes:
-    """A transformers TrainerCallback collecting the wall time of each optimizer step."""
+    """A transformers TrainerCallback collecting the wall time of each optimizer step (`times`,
+    from ``on_step_begin`` to ``on_step_end``) and the time each step began (`begins`)."""
 
     def __new__(cls):
         from transformers import TrainerCallback
 
         class Timer(TrainerCallback):
             def __init__(self):
-                self.times = []
+                self.times, self.begins = [], []
 
             def on_step_begin(self, args, state, control, **kw):
                 self.t0 = time.perf_counter()
+                self.begins.append(self.t0)
 
             def on_step_end(self, args, state, control, **kw):
                 self.times.append(time.perf_counter() - self.t0)

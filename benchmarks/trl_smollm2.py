@@ -280,8 +280,10 @@ def sdft_row(args, cfg, steps: list[list[dict]], vllm: bool = False, reload: boo
     trainer.train()
     expected = [[s for s in chats(cfg, batch)[0] for _ in range(args.k)] for batch in steps]
     same["batches_in_order"] = seen == expected
+    begins = timer.begins  # the step delimited as ours is: one step's begin to the next one's
     return {
         "times": timer.times,
+        "begin_to_begin_times": [b - a for a, b in itertools.pairwise(begins)] + timer.times[-1:],
         "completion_tokens": lengths,
         "same_work": same,
         "trainable_params": trainable(trainer.model),
@@ -339,8 +341,6 @@ TRL_ROWS = ("sdft", "sdft_vllm", "sdft_vllm_reload")
 # ------------------------------------------------------------------------------- one row's process
 def child(args) -> None:
     """Run one row in this process and write its result (or its error) to ``--child-out``."""
-    import resource
-
     import torch
 
     torch.set_num_threads(args.threads)
@@ -358,8 +358,6 @@ def child(args) -> None:
     with open("/proc/self/status") as f:
         status = dict(line.split(":", 1) for line in f if ":" in line)
     out["vm_hwm_kib"] = int(status.get("VmHWM", "0 kB").split()[0])
-    # helper processes the row waited for (none when vLLM runs in-process)
-    out["children_maxrss_kib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     Path(args.child_out).write_text(json.dumps(out))
     sys.stdout.flush()
     os._exit(1 if "error" in out else 0)  # no teardown of vLLM or Lightning to wait for
@@ -386,6 +384,8 @@ def run_child(args, row: str, round_: int, log_dir: Path) -> dict:
     start = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        # ru_maxrss: the row's process, or a helper it forked and waited for (never more: a
+        # forked child starts from the parent's pages); vLLM's engine runs in the process
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     out = json.loads(result.read_text()) if result.exists() else {"row": row}
@@ -415,14 +415,14 @@ def summarize(names: list[str], rounds: list[dict[str, dict]], warmup: int) -> d
             "round_medians_s": by_round,
             "peak_rss_gib": max(max(run["maxrss_kib"], run.get("vm_hwm_kib", 0)) for run in runs)
             / 2**20,
-            "children_rss_gib": max(run.get("children_maxrss_kib", 0) for run in runs) / 2**20,
             "completion_tokens": statistics.fmean(lengths) if lengths else None,
             "errors": sorted({run["error"] for run in runs if "error" in run}),
         }
-        if any("batch_only_times" in run for run in ok):
-            rows[name]["batch_only_median_s"] = statistics.median(
-                statistics.median(run["batch_only_times"][warmup:]) for run in ok
-            )
+        for other in ("batch_only_times", "begin_to_begin_times"):  # the other delimitation
+            if ok and all(len(run.get(other, [])) > warmup for run in ok):
+                rows[name][other.replace("_times", "_median_s")] = statistics.median(
+                    statistics.median(run[other][warmup:]) for run in ok
+                )
         if ok:
             rows[name]["trainable_params"] = ok[0].get("trainable_params")
         if any("same_work" in run for run in ok):
@@ -471,11 +471,15 @@ def print_table(summary: dict, args) -> None:
     )
     ratio_of = summary["paired_ratios"]
     trl_best = summary["trl_best"]
-    print(f"| row | s/step | completion tokens | peak RSS GiB | / {trl_best} | / bare |")
-    print("|---|---|---|---|---|---|")
+    print(
+        f"| row | s/step | other cut | completion tokens | peak RSS GiB | / {trl_best} | / bare |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for name, row in summary["rows"].items():
+        other = row.get("batch_only_median_s", row.get("begin_to_begin_median_s"))
         cells = [
             "failed" if row["median_s"] is None else f"{row['median_s']:.3f}",
+            "" if other is None else f"{other:.3f}",
             "-" if row["completion_tokens"] is None else f"{row['completion_tokens']:.1f}",
             f"{row['peak_rss_gib']:.2f}",
         ]
@@ -484,7 +488,8 @@ def print_table(summary: dict, args) -> None:
             cells.append("" if r is None else f"{r['median']:.3f}")
         print(f"| {name} | " + " | ".join(cells) + " |")
     print(
-        "(ratios: medians of the per-round paired ratios; ours best: "
+        "(other cut: ours from a batch's start to its end, TRL from one step's begin to the "
+        "next one's; ratios: medians of the per-round paired ratios; ours best: "
         f"{summary['ours_best']}, TRL best: {trl_best}; same batches in every row: "
         f"{summary['same_batches']})"
     )
