@@ -40,7 +40,7 @@ Usage:
     python benchmarks/trl_smollm2.py --new-tokens 32 --rounds 5 --steps 3 --warmup 1
     python benchmarks/trl_smollm2.py --new-tokens 128 --rounds 5 --steps 3 --warmup 1
     python benchmarks/trl_smollm2.py --prompts 1 --k 2 --new-tokens 4 --rounds 1 --steps 1 \
-        --warmup 0 --out benchmarks/results/trl_smollm2_smoke.json          # a smoke test
+        --warmup 0 --threads 1 --out /tmp/trl_smollm2_smoke.json             # a smoke test
 """
 
 from __future__ import annotations
@@ -446,10 +446,10 @@ def summarize(names: list[str], rounds: list[dict[str, dict]], warmup: int) -> d
         ratios = [x / y for x, y in pairs]
         return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
 
-    ratios = {}
+    ratios = {}  # each ours row against every TRL row and bare (the table shows TRL's best)
     for name in (n for n in names if n.startswith("ours")):
-        for ref in (trl_best, "bare"):
-            if ref is not None and ref in rows:
+        for ref in (*TRL_ROWS, "bare"):
+            if ref in rows and paired(name, ref) is not None:
                 ratios[f"{name}/{ref}"] = paired(name, ref)
     batch_ids = {json.dumps(run.get("batch_ids")) for r in rounds for run in r.values()}
     batch_ids.discard("null")
