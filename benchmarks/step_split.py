@@ -44,17 +44,24 @@ import torch
 PARTS = ("sync", "rollouts", "teacher", "student", "loss", "backward", "optimizer")
 
 
-def build(overrides: list[str]):
-    """The module, the first training batches and the optimizer, as ``train.py`` builds them."""
+def compose_config(overrides: list[str]):
+    """The config ``train.py`` would compose from `overrides` (its base built on first use)."""
     from hydra import compose, initialize_config_module
 
-    from lightning_caopd.runner import build as build_module
     from lightning_caopd.runner import prepare_base
 
     with initialize_config_module("lightning_caopd.conf", version_base="1.3"):
         paths = [f"paths.root_dir={os.getcwd()}", "paths.output_dir=."]  # no Hydra run here
         cfg = compose(config_name="train", overrides=[*paths, *overrides])
         prepare_base(cfg)
+    return cfg
+
+
+def build(overrides: list[str]):
+    """The module, the first training batches and the optimizer, as ``train.py`` builds them."""
+    from lightning_caopd.runner import build as build_module
+
+    cfg = compose_config(overrides)
     if cfg.get("threads"):
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

@@ -98,6 +98,63 @@ def make_prompts(n: int, case: str) -> list[dict]:
 
 
 # ---------------------------------------------------------------- contestants: each returns step()
+def bare_step(student, teacher, tok, prompts, t_prompts, k, new_tokens, opt, max_grad_norm=None):
+    """The naive OPD step: one `generate` of the B*K rollouts at temperature 1, the teacher's
+    forward over its full prompt + completion rows, the student's forward and backward, forward
+    KL over the full vocabulary, an optimizer step (the gradient clipped at `max_grad_norm`).
+
+    `teacher` is any callable causal LM (a frozen copy, or a LoRA student's base with the
+    adapter off: `lightning_caopd.models.AdapterDisabledTeacher`). Returns the completions.
+    """
+    roll = sample(student, tok, prompts, k, new_tokens, 1.0, 1.0, use_generate=True)
+    rep = lambda rows: [r for r in rows for _ in range(k)]  # noqa: E731
+    sb = build_batch(rep(prompts), roll.completions, tok.pad_token_id)
+    with torch.no_grad():
+        tl = completion_logits(
+            teacher, build_batch(rep(t_prompts), roll.completions, tok.pad_token_id)
+        )
+    sl = completion_logits(student, sb)  # (B*K, T, V)
+    mask = sb["completion_mask"]
+    kl = F.kl_div(sl.log_softmax(-1), tl.log_softmax(-1), reduction="none", log_target=True).sum(-1)
+    loss = ((kl * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    loss.backward()
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(
+            [p for p in student.parameters() if p.requires_grad], max_grad_norm
+        )
+    opt.step()
+    opt.zero_grad()
+    return roll.completions
+
+
+class BatchTimes:
+    """A Lightning callback keeping `time.perf_counter()` at every training batch's start and
+    end and at the end of `fit` (`starts`, `ends`, `train_end`), and each step's mean completion
+    length (`completion_tokens`) when the module's step returns its completions."""
+
+    def __new__(cls):
+        from lightning.pytorch.callbacks import Callback
+
+        class Times(Callback):
+            def __init__(self):
+                self.starts, self.ends, self.train_end = [], [], None
+                self.completion_tokens = []
+
+            def on_train_batch_start(self, *a):
+                self.starts.append(time.perf_counter())
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, *a):
+                self.ends.append(time.perf_counter())
+                done = getattr(outputs.get("step"), "completions", None) if outputs else None
+                if done:
+                    self.completion_tokens.append(statistics.fmean(len(c) for c in done))
+
+            def on_train_end(self, *a):
+                self.train_end = time.perf_counter()
+
+        return Times()
+
+
 def bare_contestant(args, model_dir, items):
     tok = load_tokenizer(str(model_dir))
     student = load_pretrained(str(model_dir), attn_implementation="eager")
@@ -114,22 +171,7 @@ def bare_contestant(args, model_dir, items):
     k = args.k
 
     def step():
-        roll = sample(student, tok, prompts, k, args.new_tokens, 1.0, 1.0, use_generate=True)
-        rep = lambda rows: [r for r in rows for _ in range(k)]  # noqa: E731
-        sb = build_batch(rep(prompts), roll.completions, tok.pad_token_id)
-        with torch.no_grad():
-            tl = completion_logits(
-                teacher, build_batch(rep(t_prompts), roll.completions, tok.pad_token_id)
-            )
-        sl = completion_logits(student, sb)
-        mask = sb["completion_mask"]
-        kl = F.kl_div(
-            sl.log_softmax(-1), tl.log_softmax(-1), reduction="none", log_target=True
-        ).sum(-1)
-        loss = ((kl * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+        bare_step(student, teacher, tok, prompts, t_prompts, k, args.new_tokens, opt)
 
     return step
 
@@ -185,7 +227,6 @@ def caopd_fit_contestant(args, model_dir, items):
     """The same module as users run it: `L.Trainer.fit` with the default trainer, callbacks and
     CSV logger (checkpointing off, as for TRL); a step is the time from one batch's start to the
     next one's (everything Lightning and the callbacks do per step)."""
-    from lightning.pytorch.callbacks import Callback
     from omegaconf import open_dict
 
     from lightning_caopd.runner import build_trainer
@@ -193,41 +234,33 @@ def caopd_fit_contestant(args, model_dir, items):
     cfg, module, batch = _caopd_module(args, model_dir, items, ["callbacks.checkpoint=null"])
     n = args.warmup + args.steps
 
-    class Starts(Callback):
-        def __init__(self):
-            self.times = []
-
-        def on_train_batch_start(self, *a):
-            self.times.append(time.perf_counter())
-
-        def on_train_end(self, *a):
-            self.times.append(time.perf_counter())
-
     def step_round():
-        starts = Starts()
+        starts = BatchTimes()
         with open_dict(cfg):
             cfg.paths.output_dir = tempfile.mkdtemp()
         trainer = build_trainer(cfg, max_steps=n)
         trainer.callbacks.append(starts)
         loader = torch.utils.data.DataLoader([batch] * n, batch_size=None, collate_fn=lambda b: b)
         trainer.fit(module, train_dataloaders=loader)
-        return [b - a for a, b in itertools.pairwise(starts.times)]
+        return [b - a for a, b in itertools.pairwise([*starts.starts, starts.train_end])]
 
     return step_round
 
 
 class _StepTimes:
-    """A transformers TrainerCallback collecting the wall time of each optimizer step."""
+    """A transformers TrainerCallback collecting the wall time of each optimizer step (`times`,
+    from ``on_step_begin`` to ``on_step_end``) and the time each step began (`begins`)."""
 
     def __new__(cls):
         from transformers import TrainerCallback
 
         class Timer(TrainerCallback):
             def __init__(self):
-                self.times = []
+                self.times, self.begins = [], []
 
             def on_step_begin(self, args, state, control, **kw):
                 self.t0 = time.perf_counter()
+                self.begins.append(self.t0)
 
             def on_step_end(self, args, state, control, **kw):
                 self.times.append(time.perf_counter() - self.t0)
