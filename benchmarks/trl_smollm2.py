@@ -1,11 +1,11 @@
 """The real-model OPD step side by side: this project, TRL's SDFTTrainer and a bare step (issue 28).
 
 The work is that of an experiment as ``train.py`` composes it (``--overrides``, by default
-``experiment=smollm2_opd``: SmolLM2-135M-Instruct after the arithmetic warm-up, a LoRA student of
-rank 16 on the body's linear layers, the base with the adapter off as the frozen teacher with the
-item's worked sum in its context, 4 prompts x K = 8 rollouts, up to 32 new tokens at temperature
-1, forward KL over the full vocabulary, AdamW, fp32). Every row takes the same batches (the
-experiment's first training batches, seeded as ``train.py`` seeds them), the same prompts and
+``experiment=smollm2 method=opd``: SmolLM2-135M-Instruct after the arithmetic warm-up, a LoRA
+student of rank 16 on the body's linear layers, the base with the adapter off as the frozen teacher
+with the item's worked sum in its context, 4 prompts x K = 8 rollouts, up to 32 new tokens at
+temperature 1, forward KL over the full vocabulary, AdamW, fp32). Every row takes the same batches
+(the experiment's first training batches, seeded as ``train.py`` seeds them), the same prompts and
 teacher prompts (the task's chat, the method's template), K, length, temperature, LoRA, learning
 rate, weight decay and gradient clipping from that one config. Rows:
 
@@ -68,7 +68,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OVERRIDES = ["experiment=smollm2_opd"]
+DEFAULT_OVERRIDES = ["experiment=smollm2", "method=opd"]
 KV_CACHE_GIB = 1  # vLLM's CPU KV cache, TRL's row (ours: method.engine.cpu_kv_cache_gib=1.0)
 
 
@@ -512,7 +512,7 @@ def main() -> None:
         "--overrides",
         nargs="+",
         default=DEFAULT_OVERRIDES,
-        help="Hydra overrides naming the work, as for train.py (default: experiment=smollm2_opd)",
+        help="Hydra overrides naming the work, as for train.py (default: %(default)s)",
     )
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--k", type=int, default=8)
