@@ -104,7 +104,7 @@ def bare_step(student, teacher, tok, prompts, t_prompts, k, new_tokens, opt, max
     KL over the full vocabulary, an optimizer step (the gradient clipped at `max_grad_norm`).
 
     `teacher` is any callable causal LM (a frozen copy, or a LoRA student's base with the
-    adapter off: `lightning_caopd.models.AdapterDisabledTeacher`). Returns the completions.
+    adapter off: `lightning_caopd.step.teacher.AdapterDisabledTeacher`). Returns the completions.
     """
     roll = sample(student, tok, prompts, k, new_tokens, 1.0, 1.0, use_generate=True)
     rep = lambda rows: [r for r in rows for _ in range(k)]  # noqa: E731

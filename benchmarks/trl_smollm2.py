@@ -134,9 +134,9 @@ def bare_row(args, cfg, steps: list[list[dict]]) -> dict:
     from hydra.utils import instantiate
     from step_time import bare_step
 
-    from lightning_caopd.models import AdapterDisabledTeacher
     from lightning_caopd.rollout import encode_chats
     from lightning_caopd.runner import build_student
+    from lightning_caopd.step.teacher import AdapterDisabledTeacher
 
     torch.manual_seed(cfg.seed)
     tok, student, _ = build_student(cfg)  # the LoRA student, as train.py builds it
