@@ -98,7 +98,9 @@ def step(module, batch: list[dict], opt, times: dict[str, float]) -> None:
     start = time.perf_counter()
     batch, prompts, _ = module.student_prompts(batch)
     r = module.rollout
-    roll = module.engine.sample(prompts, r.num_rollouts, r.max_new_tokens, r.temperature, r.top_p)
+    roll = module.engine.sample(
+        prompts, r.num_rollouts, r.max_new_tokens, r.temperature, r.top_p, None, r.min_new_tokens
+    )
     correct, p_acc = module.verify(batch, roll.texts)
     completions = module.targets.apply(
         roll.completions, p_acc, module.tokenizer, module.engine.stop_ids, r.max_new_tokens

@@ -98,15 +98,37 @@ def make_prompts(n: int, case: str) -> list[dict]:
 
 
 # ---------------------------------------------------------------- contestants: each returns step()
-def bare_step(student, teacher, tok, prompts, t_prompts, k, new_tokens, opt, max_grad_norm=None):
-    """The naive OPD step: one `generate` of the B*K rollouts at temperature 1, the teacher's
-    forward over its full prompt + completion rows, the student's forward and backward, forward
-    KL over the full vocabulary, an optimizer step (the gradient clipped at `max_grad_norm`).
+def bare_step(
+    student,
+    teacher,
+    tok,
+    prompts,
+    t_prompts,
+    k,
+    new_tokens,
+    opt,
+    max_grad_norm=None,
+    min_new_tokens=0,
+):
+    """The naive OPD step: one `generate` of the B*K rollouts at temperature 1 (none ending
+    before `min_new_tokens`), the teacher's forward over its full prompt + completion rows, the
+    student's forward and backward, forward KL over the full vocabulary, an optimizer step (the
+    gradient clipped at `max_grad_norm`).
 
     `teacher` is any callable causal LM (a frozen copy, or a LoRA student's base with the
     adapter off: `lightning_caopd.step.teacher.AdapterDisabledTeacher`). Returns the completions.
     """
-    roll = sample(student, tok, prompts, k, new_tokens, 1.0, 1.0, use_generate=True)
+    roll = sample(
+        student,
+        tok,
+        prompts,
+        k,
+        new_tokens,
+        1.0,
+        1.0,
+        use_generate=True,
+        min_new_tokens=min_new_tokens,
+    )
     rep = lambda rows: [r for r in rows for _ in range(k)]  # noqa: E731
     sb = build_batch(rep(prompts), roll.completions, tok.pad_token_id)
     with torch.no_grad():
@@ -191,6 +213,7 @@ def _caopd_module(args, model_dir, items, overrides=()):
         f"method.rollout.num_rollouts={args.k}",
         f"method.rollout.max_new_tokens={args.new_tokens}",
         *overrides,
+        *args.overrides,
     ]
     with initialize_config_module("lightning_caopd.conf", version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
@@ -223,15 +246,18 @@ def caopd_contestant(args, model_dir, items):
     return step
 
 
-def caopd_fit_contestant(args, model_dir, items):
+def caopd_fit_contestant(args, model_dir, items, extra=()):
     """The same module as users run it: `L.Trainer.fit` with the default trainer, callbacks and
     CSV logger (checkpointing off, as for TRL); a step is the time from one batch's start to the
-    next one's (everything Lightning and the callbacks do per step)."""
+    next one's (everything Lightning and the callbacks do per step). `extra`: more overrides
+    (``caopd_fit:NAME`` rows, ``--variant NAME OVERRIDE...``)."""
     from omegaconf import open_dict
 
     from lightning_caopd.runner import build_trainer
 
-    cfg, module, batch = _caopd_module(args, model_dir, items, ["callbacks.checkpoint=null"])
+    cfg, module, batch = _caopd_module(
+        args, model_dir, items, ["callbacks.checkpoint=null", *extra]
+    )
     n = args.warmup + args.steps
 
     def step_round():
@@ -386,6 +412,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", default=",".join(CONTESTANTS), help="comma-separated contestants")
     parser.add_argument(
+        "--overrides", nargs="*", default=[], help="train.py overrides for caopd and caopd_fit"
+    )
+    parser.add_argument(
+        "--rotate", action="store_true", help="rotate the contestants' order every round"
+    )
+    parser.add_argument(
+        "--variant",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar=("NAME", "OVERRIDE"),
+        help="a contestant caopd_fit:NAME, caopd_fit with these train.py overrides (repeatable)",
+    )
+    parser.add_argument(
         "--out", default=None, help="JSON path (default benchmarks/results/step_time_<case>.json)"
     )
     args = parser.parse_args()
@@ -396,6 +436,9 @@ def main() -> None:
     make_model_dir(model_dir, max_positions=1024)
     items = make_prompts(args.prompts, args.case)
 
+    for name, *overrides in args.variant:
+        CONTESTANTS[f"caopd_fit:{name}"] = partial(caopd_fit_contestant, extra=overrides)
+        ROUNDS.add(f"caopd_fit:{name}")
     names = [n for n in args.only.split(",") if n]
     steps = {}
     for name in names:
@@ -403,11 +446,17 @@ def main() -> None:
         steps[name] = CONTESTANTS[name](args, model_dir, items)
     medians: dict[str, list[float]] = {n: [] for n in names}
     means: dict[str, list[float]] = {n: [] for n in names}  # logging steps count here
+    # a whole fit / train() call's wall time over all its steps, warm-up and set-up included
+    calls: dict[str, list[float]] = {n: [] for n in names if n in ROUNDS}
     for r in range(args.rounds):
-        for name in names:  # interleaved: every contestant once per round
+        shift = r % len(names) if args.rotate else 0
+        for name in names[shift:] + names[:shift]:  # interleaved: every contestant once per round
             torch.manual_seed(r)
             if name in ROUNDS:
-                times = steps[name]()[args.warmup :]
+                t0 = time.perf_counter()
+                times = steps[name]()
+                calls[name].append((time.perf_counter() - t0) / len(times))
+                times = times[args.warmup :]
             else:
                 times = []
                 for i in range(args.warmup + args.steps):
@@ -437,13 +486,18 @@ def main() -> None:
         rel = f"{v / ref:.2f}" if ref else "n/a"
         inv = f"{ref / v:.2f}" if ref else "n/a"
         print(f"| {n} | {v:.3f} | {mean_result[n]:.3f} | {rel} | {inv} |")
+    pairs = [("caopd_fit", "caopd"), ("caopd_fit", "sdft"), ("caopd", "sdft"), ("sdft", "bare")]
+    pairs += [(n, ref) for n in names if n.startswith("caopd_fit") for ref in ("caopd_fit", "bare")]
+    pairs += [(n, "sdft") for n in names if n.startswith("caopd_fit:")]
     paired = {  # the same round's contestants shared the machine's state: their ratio is steadier
         f"{a}/{b}": statistics.median(x / y for x, y in zip(medians[a], medians[b], strict=True))
-        for a, b in (("caopd_fit", "caopd"), ("caopd_fit", "sdft"), ("caopd", "sdft"))
-        if a in medians and b in medians
+        for a, b in pairs
+        if a != b and a in medians and b in medians
     }
     for pair, ratio in paired.items():
         print(f"{pair}: {ratio:.3f} (median of the per-round ratios)")
+    for n, v in calls.items():
+        print(f"{n}: whole call / steps {statistics.median(v):.3f} s (set-up and warm-up in)")
     import transformers
 
     meta = {
@@ -469,6 +523,7 @@ def main() -> None:
                 "round_means": means,
                 "median_s": result,
                 "mean_s": mean_result,
+                "whole_call_s_per_step": {n: statistics.median(v) for n, v in calls.items()},
                 "paired_ratio_median": paired,
             },
             indent=2,

@@ -86,6 +86,7 @@ def sizes(args) -> list[str]:
         f"data.batch_size={args.prompts}",
         f"method.rollout.num_rollouts={args.k}",
         f"method.rollout.max_new_tokens={args.new_tokens}",
+        f"method.rollout.min_new_tokens={args.min_new_tokens}",
         f"threads={args.threads}",
     ]
 
@@ -159,6 +160,7 @@ def bare_row(args, cfg, steps: list[list[dict]]) -> dict:
             args.new_tokens,
             opt,
             max_grad_norm=cfg.trainer.gradient_clip_val,
+            min_new_tokens=args.min_new_tokens,
         )
         times.append(time.perf_counter() - start)
         lengths.append(statistics.fmean(len(c) for c in completions))
@@ -209,6 +211,8 @@ def sdft_row(args, cfg, steps: list[list[dict]], vllm: bool = False, reload: boo
         max_steps=len(steps),
         max_grad_norm=cfg.trainer.gradient_clip_val or 0.0,  # 0: no clipping, as Lightning
     )
+    # no rollout ends before --min-new-tokens: transformers' and vLLM's names for it
+    minimum = {("min_tokens" if vllm else "min_new_tokens"): args.min_new_tokens}
     vllm_kwargs = {}
     if vllm:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(KV_CACHE_GIB))
@@ -236,6 +240,7 @@ def sdft_row(args, cfg, steps: list[list[dict]], vllm: bool = False, reload: boo
         teacher_prompt_template=user_format.format(
             context="{privileged_context}", note="", prompt="{prompt}"
         ),
+        generation_kwargs=minimum if args.min_new_tokens else None,
         **vllm_kwargs,
     )
     torch.manual_seed(cfg.seed)
@@ -377,7 +382,9 @@ def run_child(args, row: str, round_: int, log_dir: Path) -> dict:
         "--child-out",
         str(result),
         *("--prompts", str(args.prompts), "--k", str(args.k)),
-        *("--new-tokens", str(args.new_tokens), "--steps", str(args.steps)),
+        *("--new-tokens", str(args.new_tokens), "--min-new-tokens", str(args.min_new_tokens)),
+        "--steps",
+        str(args.steps),
         *("--warmup", str(args.warmup), "--threads", str(args.threads)),
         "--overrides",
         *args.overrides,
@@ -467,7 +474,8 @@ def summarize(names: list[str], rounds: list[dict[str, dict]], warmup: int) -> d
 def print_table(summary: dict, args) -> None:
     """The table for benchmarks/README.md, then the ratios."""
     print(
-        f"\n{args.prompts} prompts x K={args.k} x up to {args.new_tokens} new tokens, "
+        f"\n{args.prompts} prompts x K={args.k} x up to {args.new_tokens} new tokens "
+        f"(at least {args.min_new_tokens}), "
         f"{args.threads} threads, {' '.join(args.overrides)}; median of {args.rounds} round "
         f"medians ({args.steps} steps after {args.warmup} per process)"
     )
@@ -517,6 +525,12 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--min-new-tokens",
+        type=int,
+        default=0,
+        help="no rollout ends before this many tokens (every row; = --new-tokens fixes the work)",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3, help="measured steps per process")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps per process")
@@ -557,7 +571,8 @@ def main() -> None:
             meta[package] = __import__(package).__version__
         except Exception:  # noqa: BLE001 - a missing package is a fact to record
             meta[package] = None
-    default = ROOT / "benchmarks" / "results" / f"trl_smollm2_{args.new_tokens}tok.json"
+    fixed = "fixed" if args.min_new_tokens == args.new_tokens else ""
+    default = ROOT / "benchmarks" / "results" / f"trl_smollm2_{args.new_tokens}tok{fixed}.json"
     out = Path(args.out or default)
     out.parent.mkdir(parents=True, exist_ok=True)
     per_round = [

@@ -71,12 +71,14 @@ class RolloutEngine(ABC):
         temperature: float,
         top_p: float,
         seeds: list[int] | None = None,
+        min_new_tokens: int = 0,
     ) -> Rollouts:
         """K completions for each of the B token-id `prompts`, prompt-major (row b*K + k).
 
         A `temperature` of 0 decodes greedily. `seeds` (one per prompt; None: drawn from
         torch's generator) make a prompt's samples depend on its seed alone, not on the other
-        prompts of the call (``method.rollout.row_seeds``).
+        prompts of the call (``method.rollout.row_seeds``). No completion ends at an end id
+        before `min_new_tokens` tokens (``method.rollout.min_new_tokens``).
         """
 
 
@@ -109,6 +111,7 @@ class HFEngine(RolloutEngine):
         temperature: float,
         top_p: float,
         seeds: list[int] | None = None,
+        min_new_tokens: int = 0,
     ) -> Rollouts:
         """See `RolloutEngine.sample`; one `lightning_caopd.rollout.sample` call."""
         if self.model is None or self.tokenizer is None:
@@ -130,4 +133,5 @@ class HFEngine(RolloutEngine):
                 use_generate=self.use_generate,
                 stop_ids=self.stop_ids,
                 seeds=None if greedy else seeds,
+                min_new_tokens=min_new_tokens,
             )

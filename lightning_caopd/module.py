@@ -404,7 +404,13 @@ class DistillationModule(TeacherDiagnostics, StudentSystem):
             self._engine_step = self.global_step
         r = self.rollout
         return self.engine.sample(
-            prompts, r.num_rollouts, r.max_new_tokens, r.temperature, r.top_p, seeds
+            prompts,
+            r.num_rollouts,
+            r.max_new_tokens,
+            r.temperature,
+            r.top_p,
+            seeds,
+            r.min_new_tokens,
         )
 
     def rollout_seeds(self, batch: list[dict], batch_idx: int) -> list[int] | None:

@@ -165,6 +165,7 @@ def decode(
     top_p: float = 1.0,
     do_sample: bool = True,
     generators: list[torch.Generator] | None = None,
+    min_new_tokens: int = 0,
 ) -> torch.Tensor:
     """Sample up to `max_new_tokens` after left-padded rows: a plain KV-cached loop.
 
@@ -184,6 +185,8 @@ def decode(
         do_sample: sample (True) or take the argmax.
         generators: one CPU generator per row (None: torch's global generator): row i's tokens
             are then drawn from its own generator only, the same whatever the other rows are.
+        min_new_tokens: the stop ids get no mass before this many tokens (as transformers'
+            ``MinNewTokensLengthLogitsProcessor``, applied before the warpers).
 
     Returns:
         (N, T) new token ids, T <= max_new_tokens.
@@ -201,6 +204,8 @@ def decode(
     tokens = []
     for step in range(max_new_tokens):
         scores = out.logits[:, -1, :].float()  # (N, V)
+        if step < min_new_tokens:
+            scores[:, stops] = -float("inf")
         for warp in warpers:
             scores = warp(ids, scores)
         if do_sample and generators is not None:
@@ -239,6 +244,7 @@ def sample(
     use_generate: bool = False,
     stop_ids: list[int] | None = None,
     seeds: list[int] | None = None,
+    min_new_tokens: int = 0,
 ) -> Rollouts:
     """`num_samples` completions per prompt, all rows in one batched, KV-cached decode.
 
@@ -256,6 +262,7 @@ def sample(
         stop_ids: the tokens that end a completion (None: `end_ids` of the model).
         seeds: one seed per prompt (None: torch's global generator): its K rows draw from
             generators of their own (`row_generators`), whatever else is in the batch.
+        min_new_tokens: no completion ends (or is cut) before this many tokens.
 
     Returns:
         `Rollouts` with B*K rows, prompt-major.
@@ -277,6 +284,7 @@ def sample(
             input_ids=ids,
             attention_mask=mask,
             max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=stop_ids,
             use_cache=True,
@@ -294,6 +302,7 @@ def sample(
             top_p,
             do_sample,
             None if seeds is None else row_generators(seeds, num_samples),
+            min_new_tokens,
         )
     model.train(was_training)
     new = new.cpu()  # (B*K, T)

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from lightning_caopd.checks import check_bool, check_choice, check_int, check_number
 from lightning_caopd.divergence.token import KINDS as DIVERGENCES
 from lightning_caopd.divergence.topk import SUPPORTS
-from lightning_caopd.errors import ConfigError
+from lightning_caopd.errors import ConfigError, out_of_range
 from lightning_caopd.readout import READOUTS
 from lightning_caopd.reference import PROTOCOLS
 from lightning_caopd.rollout import PROMPT_OVERFLOW
@@ -63,6 +63,10 @@ class RolloutSettings:
     Args:
         num_rollouts: K, rollouts per prompt (P_acc is measured over them).
         max_new_tokens: the rollout length limit.
+        min_new_tokens: no rollout ends before this many tokens (the end ids are masked until
+            then, as transformers' ``min_new_tokens`` and vLLM's ``min_tokens`` do); 0 lets a
+            rollout end at its first end id. Fixes the work per step, e.g. to time long
+            completions on a task whose answers are short.
         temperature: sampling temperature (> 0).
         top_p: nucleus threshold in (0, 1].
         max_prompt_length: a longer student prompt is cut or skipped (``prompt_overflow``);
@@ -78,6 +82,7 @@ class RolloutSettings:
 
     num_rollouts: int = 8
     max_new_tokens: int = 32
+    min_new_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
     max_prompt_length: int | None = 2048
@@ -87,6 +92,13 @@ class RolloutSettings:
     def __post_init__(self) -> None:
         check_int("method.rollout.num_rollouts", self.num_rollouts, 1)
         check_int("method.rollout.max_new_tokens", self.max_new_tokens, 1)
+        check_int("method.rollout.min_new_tokens", self.min_new_tokens, 0)
+        if self.min_new_tokens > self.max_new_tokens:
+            raise out_of_range(
+                "method.rollout.min_new_tokens",
+                self.min_new_tokens,
+                f"an integer <= method.rollout.max_new_tokens={self.max_new_tokens}",
+            )
         check_int("method.rollout.max_prompt_length", self.max_prompt_length, 1, allow_none=True)
         check_number("method.rollout.temperature", self.temperature, 0, open_low=True)
         check_number("method.rollout.top_p", self.top_p, 0, 1, open_low=True)

@@ -255,6 +255,7 @@ class VLLMEngine(RolloutEngine):
         temperature: float,
         top_p: float,
         seeds: list[int] | None = None,
+        min_new_tokens: int = 0,
     ) -> Rollouts:
         """See `RolloutEngine.sample`: one ``llm.generate`` over all prompts, ``n=k`` each.
 
@@ -280,6 +281,7 @@ class VLLMEngine(RolloutEngine):
             vllm.SamplingParams(
                 n=1 if greedy else k,  # vLLM refuses n > 1 greedy: the K copies are equal
                 max_tokens=max_new_tokens,
+                min_tokens=min_new_tokens,  # the stop ids and EOS are held back until then
                 temperature=float(temperature),
                 top_p=1.0 if greedy else float(top_p),
                 seed=None if s is None else int(s),

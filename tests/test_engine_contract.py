@@ -73,6 +73,23 @@ def test_every_end_id_of_the_generation_config_ends_a_completion(engine, tempera
     assert got.texts == [""] * 6
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_no_completion_ends_before_min_new_tokens(engine, temperature):
+    # method.rollout.min_new_tokens: a model that would end at once is held to 3 tokens first
+    model = engine_llama(seed=3)
+    other_end = TOK.convert_tokens_to_ids("<|system|>")
+    model.generation_config.eos_token_id = [TOK.eos_token_id, other_end]
+    plant_first_token(model, TOK.convert_tokens_to_ids("<|assistant|>"), other_end)
+    attached(engine, model, TOK)
+    torch.manual_seed(0)
+    got = engine.sample(_prompts("next k", "prev q"), 3, 8, temperature, 1.0, min_new_tokens=3)
+    ends = {TOK.eos_token_id, other_end}
+    assert len(got.completions) == 6
+    for ids, cut in zip(got.completions, got.truncated, strict=True):
+        assert len(ids) >= 4 and not ends & set(ids[:3])
+        assert cut == (ids[-1] not in ends) and (cut == (len(ids) == 8))
+
+
 def test_seeded_prompts_draw_the_same_whatever_else_is_in_the_call(engine):
     # method.rollout.row_seeds: N processes sampling their share of a batch draw what one
     # process sampling the whole batch draws

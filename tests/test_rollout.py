@@ -14,6 +14,7 @@ from lightning_caopd.rollout import (
     sample,
     seeded_draw,
 )
+from tests.fixtures.engines import plant_first_token
 
 
 def test_completion_mask_stops_after_first_stop_token():
@@ -73,6 +74,26 @@ def test_decode_loop_draws_the_tokens_generate_draws(options):
     (a, ta, ga), (b, tb, gb) = runs
     assert a == b and ta == tb and torch.equal(ga, gb)
     assert len({tuple(c) for c in a}) > 1  # not a degenerate case: the rows differ
+
+
+def test_min_new_tokens_holds_the_end_back_as_generate_does():
+    # a model whose first answer is EOS: min_new_tokens=4 keeps every row going for 4 tokens,
+    # the lean loop drawing what generate's MinNewTokensLengthLogitsProcessor draws
+    tok = build_char_tokenizer()
+    model = build_tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=2, seed=2)
+    with torch.no_grad():
+        plant_first_token(model, 21, tok.eos_token_id)
+    prompts = [[3, 20, 21], [3, 21]]
+    assert sample(model, tok, prompts, 3, 10).completions == [[tok.eos_token_id]] * 6
+    runs = []
+    for use_generate in (True, False):
+        torch.manual_seed(0)
+        r = sample(model, tok, prompts, 3, 10, use_generate=use_generate, min_new_tokens=4)
+        runs.append((r.completions, r.truncated))
+    assert runs[0] == runs[1]
+    for comp, cut in zip(*runs[1], strict=True):
+        assert len(comp) >= 5 and tok.eos_token_id not in comp[:4]
+        assert cut == (comp[-1] != tok.eos_token_id)
 
 
 def test_seeded_rows_are_drawn_the_same_whatever_else_is_in_the_batch():

@@ -24,6 +24,13 @@ BAD = [
     ("rollout", "method.rollout.num_rollouts=0", "method.rollout.num_rollouts=0 is out of range"),
     ("rollout", "method.rollout.temperature=0", "method.rollout.temperature=0 is out of range"),
     ("rollout", "method.rollout.max_new_tokens=0", "method.rollout.max_new_tokens=0 is out of"),
+    ("rollout", "method.rollout.min_new_tokens=-1", "method.rollout.min_new_tokens=-1 is out of"),
+    (
+        "rollout",
+        "method.rollout.min_new_tokens=33",
+        "method.rollout.min_new_tokens=33 is out of range: it must be an integer <= "
+        "method.rollout.max_new_tokens=32",
+    ),
     ("rollout", "method.rollout.top_p=2", "method.rollout.top_p=2 is out of range"),
     ("rollout", "method.rollout.prompt_overflow=drop", "method.rollout.prompt_overflow='drop'"),
     ("rollout", "method.rollout.row_seeds=2", "method.rollout.row_seeds=2 is out of range"),
