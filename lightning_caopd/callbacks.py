@@ -161,6 +161,14 @@ class StepAware(Callback):
         self._step = trainer.global_step
 
 
+# refused at start-up (`runner.check_config`) and again in `TeacherEMA.setup`
+EMA_ON_ADAPTER_BASE = (
+    "callbacks.teacher_ema.rate > 0 moves the teacher toward the student, but with model.lora "
+    "the self-distillation teacher is the student's own base weights (adapter off), which the "
+    "EMA would overwrite. Set callbacks.teacher_ema.rate=0, or model.lora=null."
+)
+
+
 class TeacherEMA(StepAware):
     """teacher <- (1 - rate) * teacher + rate * student after every optimizer step.
 
@@ -177,12 +185,7 @@ class TeacherEMA(StepAware):
 
     def setup(self, trainer: L.Trainer, pl_module: DistillationView, stage: str) -> None:  # noqa: D102
         if self.rate > 0 and not pl_module.teacher.owns_weights:
-            raise ConfigError(
-                "callbacks.teacher_ema.rate > 0 moves the teacher toward the student, but with "
-                "model.lora the self-distillation teacher is the student's own base weights "
-                "(adapter off), which the EMA would overwrite. Set callbacks.teacher_ema.rate=0, "
-                "or model.lora=null."
-            )
+            raise ConfigError(EMA_ON_ADAPTER_BASE)
 
     def on_train_batch_end(  # noqa: D102
         self, trainer, pl_module: DistillationView, outputs, batch, batch_idx

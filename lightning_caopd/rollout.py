@@ -148,6 +148,13 @@ def seeded_draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch
     return (probs / noise.to(probs.device)).argmax(dim=-1)
 
 
+# refused at start-up (`runner.check_config`) and again here, for direct callers
+SEEDED_GENERATE = (
+    "method.rollout.row_seeds=true with method.engine.use_generate=true: `generate` draws every "
+    "row from torch's one generator. Set one of them to false."
+)
+
+
 def row_generators(seeds: list[int], k: int) -> list[torch.Generator]:
     """K CPU generators per prompt seed, prompt-major (row b*K + j), each its own stream."""
     return [torch.Generator().manual_seed(seed * k + j) for seed in seeds for j in range(k)]
@@ -274,10 +281,7 @@ def sample(
     was_training = model.training
     model.eval()
     if use_generate and seeds is not None:
-        raise ConfigError(
-            "method.rollout.row_seeds=true with method.engine.use_generate=true: `generate` "
-            "draws every row from torch's one generator. Set one of them to false."
-        )
+        raise ConfigError(SEEDED_GENERATE)
     if use_generate:
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
         new = model.generate(

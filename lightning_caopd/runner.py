@@ -27,7 +27,7 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lightning_caopd.callbacks import MetricsWriter
+from lightning_caopd.callbacks import EMA_ON_ADAPTER_BASE, MetricsWriter
 from lightning_caopd.checkpointing import keep_previous_logs
 from lightning_caopd.errors import (
     ConfigError,
@@ -38,6 +38,7 @@ from lightning_caopd.errors import (
     out_of_range,
 )
 from lightning_caopd.loggers import finish_loggers
+from lightning_caopd.rollout import SEEDED_GENERATE
 from lightning_caopd.settings import EvalSettings, from_config
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,9 @@ def check_config(cfg: DictConfig, read_rows: bool = True):
     Builds the method's parts (``method.rollout``, ``loss``, ``template``, ``targets``,
     ``engine``: every ``method`` entry with a ``_target_``) and checks them against each other
     (CaOPD's K >= 2), the optimizer (over a stand-in parameter) and the scheduler over it, the
-    ``eval`` settings (`lightning_caopd.settings.EvalSettings`), every callback, the task
-    (importing a user's verifier) and the DataModule (batch sizes, counts); a file-backed
+    ``eval`` settings (`lightning_caopd.settings.EvalSettings`), every callback, the rules
+    across groups (`_check_pairs`: row seeds with ``generate``, a teacher EMA on a LoRA base),
+    the task (importing a user's verifier) and the DataModule (batch sizes, counts); a file-backed
     DataModule's rows are read (every row made an item: a bad row is reported with its file,
     row and field).
 
@@ -85,12 +87,25 @@ def check_config(cfg: DictConfig, read_rows: bool = True):
     for name, node in (cfg.get("callbacks") or {}).items():
         if node is not None:
             _built(node, f"callbacks.{name}")
+    _check_pairs(cfg, parts)  # after each group's own values passed
     if cfg.get("data", {}).get("task") is not None:
         _built(cfg.data.task, "data.task")  # imports a user's verifier: a bad path fails here
     datamodule = _built(_data_node(cfg), "data")
     if read_rows and hasattr(datamodule, "load_items"):
         datamodule.setup("fit")  # every row read and made an item, before any model loads
     return datamodule
+
+
+def _check_pairs(cfg: DictConfig, parts: dict) -> None:
+    """The rules between keys of different groups, which no one component sees whole."""
+    rollout, engine = parts.get("rollout"), parts.get("engine")
+    if rollout is not None and rollout.row_seeds and getattr(engine, "use_generate", False):
+        raise ConfigError(SEEDED_GENERATE)
+    ema = (cfg.get("callbacks") or {}).get("teacher_ema")
+    model = cfg.get("model") or {}
+    self_taught = model.get("lora") is not None and model.get("teacher") is None
+    if self_taught and ema is not None and (ema.get("rate") or 0) > 0:
+        raise ConfigError(EMA_ON_ADAPTER_BASE)
 
 
 def _built(node, key: str | None, **kwargs):

@@ -34,6 +34,11 @@ BAD = [
     ("rollout", "method.rollout.top_p=2", "method.rollout.top_p=2 is out of range"),
     ("rollout", "method.rollout.prompt_overflow=drop", "method.rollout.prompt_overflow='drop'"),
     ("rollout", "method.rollout.row_seeds=2", "method.rollout.row_seeds=2 is out of range"),
+    (
+        "rollout",
+        "method.rollout.row_seeds=true method.engine.use_generate=true",
+        "method.rollout.row_seeds=true with method.engine.use_generate=true",
+    ),
     ("loss", "method.loss.divergence=kl", "method.loss.divergence='kl' is out of range"),
     ("loss", "method.loss.jsd_beta=2", "method.loss.jsd_beta=2 is out of range"),
     ("loss", "method.loss.skip_first_tokens=-1", "method.loss.skip_first_tokens=-1 is out of"),
@@ -69,6 +74,11 @@ BAD = [
     ("eval", "eval.teacher_conditioned=yes", "eval.teacher_conditioned='yes' is out of range"),
     ("eval", "+eval.bogus=1", "eval has no setting bogus: its settings are max_new_tokens"),
     ("callbacks", "callbacks.teacher_ema.rate=2", "callbacks.teacher_ema.rate=2 is out of range"),
+    (
+        "callbacks",
+        "model.lora={r:4,alpha:8,target_modules:[q_proj]} callbacks.teacher_ema.rate=0.1",
+        "callbacks.teacher_ema.rate > 0 moves the teacher toward the student, but with model.lora",
+    ),
     ("callbacks", "callbacks.nonfinite_guard.max_consecutive=0", "callbacks.nonfinite_guard.m"),
     ("callbacks", "callbacks.metrics.completions=all", "callbacks.metrics.completions='all' is"),
     ("callbacks", "callbacks=default callbacks.teacher_success.every_n_steps=0", "callbacks.te"),
