@@ -560,14 +560,15 @@ def main() -> None:
         args.rounds = len(rounds)
     else:
         rounds = run_rounds(args, names)
-    summary = write_results(args, names, rounds)
+    summary = write_results(args, names, rounds)  # every round (run_rounds wrote all but the last)
     print_table(summary, args)
     print(f"Wrote {results_path(args)}")
 
 
 def run_rounds(args, names: list[str]) -> list[dict[str, dict]]:
-    """Every row once per round, each in its own process; the results written after each round
-    (an interrupted run keeps its finished rounds; ``--from-logs`` reads the row logs)."""
+    """Every row once per round, each in its own process; the results so far written after each
+    round but the last, which the caller writes (an interrupted run keeps its finished rounds;
+    ``--from-logs`` reads the row logs)."""
     compose(args)  # build the experiment's base once, before the rows' processes start
     log_dir = Path(tempfile.mkdtemp(prefix="trl_smollm2_"))
     print(f"row logs: {log_dir}", flush=True)
@@ -582,7 +583,8 @@ def run_rounds(args, names: list[str]) -> list[dict[str, dict]]:
             state = run["error"] if "error" in run else f"steps {times} s"
             rss = max(run["maxrss_kib"], run.get("vm_hwm_kib", 0)) / 2**20
             print(f"  round {r}: {name}: {state}; peak RSS {rss:.2f} GiB", flush=True)
-        write_results(args, names, rounds)
+        if r + 1 < args.rounds:
+            write_results(args, names, rounds)
     return rounds
 
 
